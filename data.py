@@ -1,0 +1,383 @@
+"""CIFAR-10: loading, splits, the seed's PIL transforms and a batched on-device augmentation.
+
+Everything starts from uint8 arrays (N, 32, 32, 3) and int64 labels, loaded once.
+Two interchangeable data paths produce the same kind of normalised batches:
+
+* ``pil``     -- the seed's pipeline: torchvision PIL transforms in a DataLoader, one image at a time.
+* ``tensor``  -- the images stay on the training device as one uint8 tensor; each batch is flipped,
+                 random-resized-cropped (one independent draw per image), resized and normalised
+                 there with two small batched matmuls (see ``resample``).
+"""
+import hashlib
+import os
+import urllib.error
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from utils import UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: the pretrained backbones expect them
+STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.8, 1.0)  # the seed's RandomResizedCrop(scale=(0.8, 1.0), ratio=(1, 1))
+
+# Official md5 of the CIFAR-10 binary version (the same values cifar-10-binary.tar.gz unpacks to).
+BIN_MD5 = {
+    "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
+    "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+    "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
+    "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+    "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
+    "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
+}
+BIN_RECORD = 1 + 3 * 32 * 32  # label byte, then 1,024 R, 1,024 G, 1,024 B bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_bin_file(path, check_md5=True):
+    """One file of the binary version -> (images uint8 (N, 32, 32, 3), labels int64 (N,))."""
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    if size == 0 or size % BIN_RECORD:
+        raise UserError(f"{path} is truncated or not a CIFAR-10 binary file ({size} bytes, "
+                        f"not a multiple of {BIN_RECORD}); download it again")
+    if check_md5 and name in BIN_MD5 and _md5(path) != BIN_MD5[name]:
+        raise UserError(f"{path} has the wrong md5 (expected {BIN_MD5[name]}); the file is "
+                        f"corrupted, download it again")
+    records = np.fromfile(path, dtype=np.uint8).reshape(-1, BIN_RECORD)
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), records[:, 0].astype(np.int64)
+
+
+def _read_bin(folder):
+    parts = [read_bin_file(os.path.join(folder, f"data_batch_{i}.bin")) for i in range(1, 6)]
+    test_x, test_y = read_bin_file(os.path.join(folder, "test_batch.bin"))
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    return train_x, train_y, test_x, test_y
+
+
+def _read_py(root, download):
+    """The python version through torchvision, which checks (and downloads) it with its md5s."""
+    import torchvision.datasets as tvd
+    try:
+        train = tvd.CIFAR10(root, train=True, download=download)
+        test = tvd.CIFAR10(root, train=False, download=download)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise UserError(f"could not download CIFAR-10 into {os.path.abspath(root)} ({e}). Offline? "
+                        f"Download it on a machine with internet (python or binary version) and pass "
+                        f"--data-dir to the folder holding cifar-10-batches-py or cifar-10-batches-bin") from None
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
+        raise UserError(f"CIFAR-10 python version in {os.path.abspath(root)} is corrupted or incomplete "
+                        f"({e}); delete {os.path.join(root, 'cifar-10-batches-py')} and download again") from None
+    return (train.data, np.asarray(train.targets, dtype=np.int64),
+            test.data, np.asarray(test.targets, dtype=np.int64))
+
+
+def load_cifar10(root="cifar", download=True):
+    """(train_x, train_y, test_x, test_y) as uint8 (N, 32, 32, 3) / int64 arrays.
+
+    Looks in ``root`` for cifar-10-batches-bin, then cifar-10-batches-py; downloads the python
+    version with torchvision when neither is there and ``download`` is true.
+    """
+    bin_dir = os.path.join(root, "cifar-10-batches-bin")
+    py_dir = os.path.join(root, "cifar-10-batches-py")
+    if os.path.basename(os.path.normpath(root)) == "cifar-10-batches-bin":
+        bin_dir = root  # the user pointed at the batches folder itself
+    if os.path.isdir(bin_dir):
+        return _read_bin(bin_dir)
+    if os.path.isdir(py_dir) or download:
+        return _read_py(root, download)
+    raise UserError(f"CIFAR-10 not found: looked for {os.path.abspath(bin_dir)} and "
+                    f"{os.path.abspath(py_dir)}. Drop --no-download to fetch it, or point --data-dir "
+                    f"(or CIFAR10_ROOT) at a folder holding either official version")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+def split_train_val(labels, val_size, seed):
+    """Class-balanced, seeded hold-out: (train_idx, val_idx) into ``labels``."""
+    classes = np.unique(labels)
+    if val_size % len(classes):
+        raise UserError(f"--val-split {val_size} must be a multiple of {len(classes)} (class-balanced)")
+    per_class = val_size // len(classes)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        if per_class >= len(idx):
+            raise UserError(f"--val-split {val_size} leaves no training images of class {c}")
+        val.append(rng.choice(idx, per_class, replace=False))
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+def subset(idx, n, seed):
+    """``n`` of the indices ``idx``, seeded, kept in order; all of them when n is None."""
+    if n is None:
+        return idx
+    if n > len(idx):
+        raise UserError(f"subset of {n} images asked for, but only {len(idx)} are available")
+    return np.sort(np.random.default_rng(seed).choice(idx, n, replace=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed's pipeline: torchvision PIL transforms, one image at a time (kept as the reference)
+
+
+def seed_train_transform(size=224):
+    return T.Compose([
+        T.Resize(size),
+        T.RandomHorizontalFlip(0.5),
+        T.RandomResizedCrop(size, scale=CROP_SCALE, ratio=(1, 1)),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def eval_transform(size=224):
+    return T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class ArrayDataset(Dataset):
+    """uint8 (N, 32, 32, 3) images + labels -> (transform(PIL image), label)."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched path: Resize -> flip -> crop -> resize -> normalise as two matmuls per image.
+#
+# Bilinear resampling is linear and separable, so the seed's Resize(S) followed by a crop and a
+# resize back to S is, per axis, one (S x 32) matrix: (crop-and-resize rows) @ (Resize matrix).
+# An image is then  out = A_rows @ img @ A_cols^T.  Every row of these matrices sums to one, so
+# normalising the 32x32 input first is exact, and the flip is a reversed column matrix.
+
+
+def resize_matrix(n_in, n_out):
+    """(n_out, n_in) matrix of torchvision/PIL bilinear resizing (antialiased when shrinking)."""
+    eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
+    out = torch.nn.functional.interpolate(eye, size=(1, n_out), mode="bilinear",
+                                          antialias=True, align_corners=False)
+    return out.view(n_in, n_out).T.contiguous()
+
+
+def crop_resize_rows(resize, start, length):
+    """Per image, the (S, 32) matrix that takes rows [start, start+length) of the resized image
+    (``resize`` @ img) back up to S rows: 2-tap bilinear, clamped at the crop's edges, exactly as
+    PIL upsamples (length <= S always holds for these crops)."""
+    size = resize.shape[0]
+    o = torch.arange(size, device=start.device, dtype=torch.float32)
+    length = length[:, None]
+    src = ((o + 0.5) * length / size - 0.5).clamp(min=0)
+    src = torch.minimum(src, (length - 1).float())
+    lo = src.floor()
+    frac = (src - lo)[..., None]
+    lo = lo.long()
+    hi = torch.minimum(lo + 1, length - 1)
+    base = start[:, None]
+    return torch.lerp(resize[base + lo], resize[base + hi], frac)
+
+
+def draw_crops(n, size, generator, device):
+    """The seed's RandomHorizontalFlip(0.5) + RandomResizedCrop(size, (0.8, 1), ratio=(1, 1)) on a
+    size x size image, one draw per image: (top, left, side, flip). Square crops always fit, so
+    torchvision's first attempt is always taken: side = round(size * sqrt(U(0.8, 1)))."""
+    u = torch.rand(4, n, generator=generator, device=device, dtype=torch.float64)
+    area = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0]
+    side = torch.round(size * area.sqrt()).long().clamp(1, size)
+    top = (u[1] * (size - side + 1)).long()
+    left = (u[2] * (size - side + 1)).long()
+    flip = u[3] < 0.5
+    return top, left, side, flip
+
+
+def augment_matrices(resize, top, left, side, flip):
+    """(rows, cols) matrices, each (B, S, 32), for the given crop boxes and flips."""
+    rows = crop_resize_rows(resize, top, side)
+    cols = crop_resize_rows(resize, left, side)
+    # flip-then-crop reads the mirrored resized image; resizing commutes with mirroring, so its
+    # matrix is the plain one with the 32 input columns reversed
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    return rows, cols
+
+
+def resample(images, rows, cols, mean, std, out=None):
+    """uint8 (B, 32, 32, 3) -> normalised float32 (B, 3, S, S): rows @ img @ cols^T per channel.
+
+    ``out`` (B, 3, S, S) is filled in place when given: on the CPU, a reused buffer is ~10x faster
+    than a fresh 150 MB allocation, whose page faults cost more than the arithmetic."""
+    x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255)
+    x = (x - mean) / std  # exact before resampling: interpolation rows sum to one
+    x = torch.matmul(x, cols.transpose(1, 2).unsqueeze(1))  # (B, 3, 32, S)
+    return torch.matmul(rows.unsqueeze(1), x, out=out)  # (B, 3, S, S)
+
+
+class TensorLoader:
+    """Batches (x, y) from uint8 images held as one tensor on ``device``.
+
+    ``train`` means shuffled, last partial batch dropped (as the seed's loader) and, with
+    ``augment``, the seed's random flip and crop. Shuffling and augmentation draws are a pure
+    function of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one
+    would. Under DDP every rank draws the same global batch and keeps its own slice of it.
+
+    On the CPU each batch is written into one reused buffer: a batch is valid until the next one
+    is drawn (clone it to keep it).
+    """
+
+    def __init__(self, images, labels, batch_size, image_size, train, device, seed=0, augment=True,
+                 rank=0, world_size=1, channels_last=False):
+        self.device = torch.device(device)
+        self.images = torch.as_tensor(images).to(self.device)
+        self.labels = torch.as_tensor(labels).to(self.device)
+        self.batch_size, self.size, self.train, self.augment = batch_size, image_size, train, train and augment
+        self.seed, self.rank, self.world_size, self.channels_last = seed, rank, world_size, channels_last
+        self.resize = resize_matrix(32, image_size).to(self.device, torch.float32)
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+        self.epoch, self.start_step = 0, 0
+        self.buffer = None
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return num_batches(len(self.images), self.batch_size, self.train)
+
+    def _out(self, n):
+        if self.device.type != "cpu":
+            return None  # the CUDA caching allocator already reuses memory
+        if self.buffer is None or len(self.buffer) < n:
+            self.buffer = torch.empty(n, 3, self.size, self.size)
+        return self.buffer[:n]
+
+    def __iter__(self):
+        n = len(self.images)
+        g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(n, generator=g, device=self.device) if self.train else torch.arange(n, device=self.device)
+        if self.augment:
+            crops = draw_crops(n, self.size, g, self.device)
+        for step in range(self.start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = idx[self.rank::self.world_size]  # this rank's share of the global batch
+            if self.augment:
+                rows, cols = augment_matrices(self.resize, *(c[idx] for c in crops))
+            else:
+                rows = cols = self.resize.expand(len(idx), -1, -1)
+            x = resample(self.images[idx], rows, cols, self.mean, self.std, self._out(len(idx)))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+        self.start_step = 0
+
+
+def epoch_seed(seed, epoch):
+    return seed * 100_003 + epoch
+
+
+def num_batches(n, batch_size, drop_last):
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+class _GlobalBatchSampler(torch.utils.data.Sampler):
+    """The same global batches as TensorLoader (seeded order, this rank's slice of each batch),
+    from a given step on, so the PIL path is resumable mid-epoch too."""
+
+    def __init__(self, n, train, seed, batch_size, rank, world_size):
+        self.n, self.train, self.seed, self.batch_size = n, train, seed, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return num_batches(self.n, self.batch_size, self.train) - self.start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g) if self.train else torch.arange(self.n)
+        for step in range(self.start_step, self.start_step + len(self)):
+            yield order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size].tolist()
+        self.start_step = 0
+
+
+class PILLoader(DataLoader):
+    """The seed's path: a DataLoader over PIL transforms, with ``set_epoch`` like TensorLoader."""
+
+    def __init__(self, images, labels, batch_size, image_size, train, workers, seed=0, augment=True,
+                 rank=0, world_size=1, pin_memory=False):
+        transform = seed_train_transform(image_size) if train and augment else eval_transform(image_size)
+        self.batches = _GlobalBatchSampler(len(images), train, seed, batch_size, rank, world_size)
+        super().__init__(ArrayDataset(images, labels, transform), batch_sampler=self.batches,
+                         num_workers=workers, pin_memory=pin_memory)
+        self.seed = seed
+
+    def set_epoch(self, epoch, start_step=0):
+        self.batches.set_epoch(epoch, start_step)
+        torch.manual_seed(epoch_seed(self.seed, epoch))  # the PIL transforms draw from torch's RNG
+
+
+# ----------------------------------------------------------------------------------------------
+# One entry point
+
+
+def get_loaders(data_dir="cifar", batch_size=128, image_size=224, device="cpu", workers=2,
+                val_split=5000, train_subset=None, test_subset=None, seed=0, download=True,
+                data_path="tensor", augment=True, eval_batch_size=None, rank=0, world_size=1,
+                channels_last=False, shuffle_train=True):
+    """{'train', 'val', 'test'} loaders over the splits; 'val' is None when val_split is 0.
+
+    ``batch_size`` is the global batch: under DDP each of ``world_size`` ranks gets its slice.
+    ``shuffle_train=False`` gives every training image once, in order (to cache features).
+    """
+    train_x, train_y, test_x, test_y = load_cifar10(data_dir, download)
+    if val_split:
+        train_idx, val_idx = split_train_val(train_y, val_split, seed)
+    else:
+        train_idx, val_idx = np.arange(len(train_y)), None
+    train_idx = subset(train_idx, train_subset, seed)
+    test_idx = subset(np.arange(len(test_y)), test_subset, seed)
+    if len(train_idx) < batch_size:
+        raise UserError(f"--batch-size {batch_size} is larger than the {len(train_idx)} training images")
+
+    def make(x, y, bs, train):
+        if data_path == "tensor":
+            return TensorLoader(x, y, bs, image_size, train, device, seed, augment,
+                                rank, world_size, channels_last)
+        if data_path == "pil":
+            return PILLoader(x, y, bs, image_size, train, workers, seed, augment, rank, world_size,
+                             pin_memory=torch.device(device).type == "cuda")
+        raise UserError(f"unknown data path {data_path!r} (tensor or pil)")
+
+    eval_bs = eval_batch_size or batch_size
+    return {
+        "train": make(train_x[train_idx], train_y[train_idx], batch_size, shuffle_train),
+        "val": None if val_idx is None else make(train_x[val_idx], train_y[val_idx], eval_bs, False),
+        "test": make(test_x[test_idx], test_y[test_idx], eval_bs, False),
+    }
