@@ -1,0 +1,43 @@
+"""Shared fixtures. Real data and weights come from the environment (CI: ../shared):
+CIFAR10_ROOT (a folder holding cifar-10-batches-bin or -py) and RESNET50_WEIGHTS (a ResNet-50 file).
+Tests that need them skip, saying why, when they are absent."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def cifar_root():
+    root = os.environ.get("CIFAR10_ROOT")
+    if not root or not os.path.isdir(root):
+        pytest.skip("CIFAR10_ROOT is not set to a CIFAR-10 folder (CI: ../shared/data)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def weights_path():
+    path = os.environ.get("RESNET50_WEIGHTS")
+    if not path or not os.path.isfile(path):
+        pytest.skip("RESNET50_WEIGHTS is not set to a ResNet-50 weights file (CI: ../shared/weights/...)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar(cifar_root):
+    """(train_x, train_y, test_x, test_y), loaded once per session."""
+    import data
+    return data.load_cifar10(cifar_root, download=False)
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=600):
+    """Run train.py / evaluate.py as a user would; returns CompletedProcess (text, both streams)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
