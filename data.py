@@ -10,6 +10,7 @@ Two interchangeable data paths produce the same kind of normalised batches:
 """
 import hashlib
 import os
+import sys
 import urllib.error
 
 import numpy as np
@@ -64,8 +65,21 @@ def read_bin_file(path, check_md5=True):
     return np.ascontiguousarray(images), records[:, 0].astype(np.int64)
 
 
+PARTIAL_ENV = "CIFAR10_PARTIAL"  # =1 accepts a folder with only some of the five training batches
+
+
 def _read_bin(folder):
-    parts = [read_bin_file(os.path.join(folder, f"data_batch_{i}.bin")) for i in range(1, 6)]
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)]
+    missing = [n for n in names + ["test_batch.bin"] if not os.path.isfile(os.path.join(folder, n))]
+    partial = os.environ.get(PARTIAL_ENV) == "1" and "test_batch.bin" not in missing and len(missing) < 5
+    if missing and not partial:
+        raise UserError(f"{folder} lacks {', '.join(missing)}; download CIFAR-10 again (or, to train on "
+                        f"the training batches that are there, set {PARTIAL_ENV}=1)")
+    if missing:  # a GPU check carries only what fits one call: say so loudly, never silently
+        print(f"data: {PARTIAL_ENV}=1: training data is {len(names) - len(missing)} of the 5 batches "
+              f"({', '.join(n for n in names if n not in missing)}), not the full 50,000 images",
+              file=sys.stderr, flush=True)
+    parts = [read_bin_file(os.path.join(folder, n)) for n in names if n not in missing]
     test_x, test_y = read_bin_file(os.path.join(folder, "test_batch.bin"))
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
@@ -116,14 +130,14 @@ def split_train_val(labels, val_size, seed):
     """Class-balanced, seeded hold-out: (train_idx, val_idx) into ``labels``."""
     classes = np.unique(labels)
     if val_size % len(classes):
-        raise UserError(f"--val-split {val_size} must be a multiple of {len(classes)} (class-balanced)")
+        raise UserError(f"--val-split {val_size} must be a multiple of {len(classes)} (class-balanced)", exit_code=2)
     per_class = val_size // len(classes)
     rng = np.random.default_rng(seed)
     val = []
     for c in classes:
         idx = np.flatnonzero(labels == c)
         if per_class >= len(idx):
-            raise UserError(f"--val-split {val_size} leaves no training images of class {c}")
+            raise UserError(f"--val-split {val_size} leaves no training images of class {c}", exit_code=2)
         val.append(rng.choice(idx, per_class, replace=False))
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(len(labels)), val)
@@ -364,7 +378,7 @@ def get_loaders(data_dir="cifar", batch_size=128, image_size=224, device="cpu", 
     train_idx = subset(train_idx, train_subset, seed)
     test_idx = subset(np.arange(len(test_y)), test_subset, seed)
     if len(train_idx) < batch_size:
-        raise UserError(f"--batch-size {batch_size} is larger than the {len(train_idx)} training images")
+        raise UserError(f"--batch-size {batch_size} is larger than the {len(train_idx)} training images", exit_code=2)
 
     def make(x, y, bs, train):
         if data_path == "tensor":

@@ -74,6 +74,8 @@ def plot_confusion(confusion, classes, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.test_subset and args.test_subset > 10000:  # a usage error: say so before any loading
+        raise UserError(f"--test-subset {args.test_subset} is larger than the 10,000 test images", exit_code=2)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available", exit_code=2)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

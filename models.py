@@ -5,6 +5,8 @@ attention_model.py) has a thin ``build(weights, num_classes, stride_in_1x1)``; t
 the registry, the backbone builder, the weights loading and the one classification head.
 """
 import importlib
+import os
+import pickle
 import urllib.error
 
 import torch
@@ -57,8 +59,13 @@ def load_resnet50_state(weights):
     if weights == "none":
         return None, False
     if weights in TORCHVISION_WEIGHTS:
-        try:
-            return TORCHVISION_WEIGHTS[weights].get_state_dict(progress=True), False
+        try:  # torch.hub loads with weights_only=False unless told: the cached file could run code
+            return TORCHVISION_WEIGHTS[weights].get_state_dict(progress=True, weights_only=True), False
+        except pickle.UnpicklingError:
+            url = TORCHVISION_WEIGHTS[weights].url
+            cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+            raise UserError(f"{cached} (torchvision's ResNet-50 {weights} weights) was refused by "
+                            f"torch.load(weights_only=True): it holds more than tensors; delete it") from None
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             raise UserError(f"could not download torchvision's ResNet-50 {weights} weights ({e}). Offline? "
                             f"Pass --weights PATH to a local ResNet-50 state_dict (e.g. $RESNET50_WEIGHTS), "

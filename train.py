@@ -101,16 +101,18 @@ def build_parser():
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (pil path)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="checkpoints", help="checkpoints go to OUT/<run>/")
     p.add_argument("--log-dir", default="log")
     p.add_argument("--run-name", help="default: <model>-<timestamp>")
-    p.add_argument("--overwrite", action="store_true", help="allow reusing an existing --run-name")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse an existing --run-name, deleting its old log, CSV, curves and checkpoints")
     p.add_argument("--resume", metavar="PATH", help="continue from a last.pth checkpoint")
     p.add_argument("--dry-run", action="store_true", help="build the model, print its parameter counts, exit")
     p.add_argument("--stop-after", type=positive(int), metavar="EPOCHS",
                    help="stop this process after EPOCHS epochs as if interrupted (tests resume)")
+    p.add_argument("--no-probe", action="store_true", help=argparse.SUPPRESS)  # tests: the probe's reference
     return p
 
 
@@ -156,12 +158,26 @@ def parse_args(argv):
 # Checkpoints
 
 
+# What every checkpoint of this project holds (checkpoint_state in main): checked up front, so that
+# a file of another format is one clear error, not a KeyError deep in evaluate.py or --resume.
+CHECKPOINT_KEYS = ("model", "state_dict", "args", "image_size", "classes", "epoch", "step", "optimizer",
+                   "scheduler", "meter", "best_val_acc", "rng_state", "run_name")
+MODEL_RECORD = ("name", "num_classes", "stride_in_1x1")
+
+
 def load_checkpoint(path):
     """A checkpoint of this project, through torch.load(weights_only=True), or a UserError."""
     ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or not {"model", "state_dict", "args"} <= ckpt.keys():
-        raise UserError(f"{path} is not a checkpoint of this project (no model/state_dict/args)")
-    return ckpt
+    if not isinstance(ckpt, dict):
+        problem = f"a {type(ckpt).__name__}, not a dict"
+    elif [k for k in CHECKPOINT_KEYS if k not in ckpt]:
+        problem = "no " + ", ".join(k for k in CHECKPOINT_KEYS if k not in ckpt)
+    elif not (isinstance(ckpt["model"], dict) and set(MODEL_RECORD) <= ckpt["model"].keys()
+              and isinstance(ckpt["state_dict"], dict) and isinstance(ckpt["args"], dict)):
+        problem = f"its model record is not {{{', '.join(MODEL_RECORD)}}} or its state_dict/args not dicts"
+    else:
+        return ckpt
+    raise UserError(f"{path} is not a checkpoint of this project ({problem}); train.py writes them")
 
 
 def save_checkpoint(state, is_best, run_dir, best_name):
@@ -183,9 +199,20 @@ def model_from_checkpoint(ckpt, path):
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
+        detail = state_dict_mismatch(model.state_dict(), ckpt["state_dict"]) or " ".join(str(e).split())[:300]
         raise UserError(f"checkpoint {path} does not fit the {cfg['name']} network: {detail}") from None
     return model
+
+
+def state_dict_mismatch(expected, given):
+    """Why ``given`` does not load into a network with state dict ``expected``, short: PyTorch's
+    message lists every key, hundreds for a ResNet-50."""
+    shapes = [f"{k} {tuple(given[k].shape)} for {tuple(v.shape)}" for k, v in expected.items()
+              if k in given and torch.is_tensor(given[k]) and given[k].shape != v.shape]
+    found = {"missing keys": [k for k in expected if k not in given],
+             "unexpected keys": [k for k in given if k not in expected], "other shapes": shapes}
+    return "; ".join(f"{len(v)} {what} ({', '.join(v[:2])}{', ...' if len(v) > 2 else ''})"
+                     for what, v in found.items() if v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,17 +224,21 @@ class Interrupted(Exception):
 
 
 STOP_SIGNAL = []  # the signal number that asked us to stop, set by the handler
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def on_signal(signum, frame):
-    if STOP_SIGNAL:  # a second ^C: stop at once
+    # a second ^C: stop at once. Not under torchrun: its agent forwards the ^C it got, so every
+    # rank sees the user's one ^C twice; the agent itself kills the ranks if they take too long
+    if STOP_SIGNAL and "RANK" not in os.environ:
         raise KeyboardInterrupt
     STOP_SIGNAL.append(signum)
 
 
 def stop_requested(device):
-    """Whether any rank got SIGINT/SIGTERM; all ranks must agree to stop at the same step."""
-    return all_reduce_sum([float(bool(STOP_SIGNAL))], device)[0] > 0
+    """The signal any rank got (0: none); all ranks stop at the same step, also those it missed."""
+    got = all_reduce_sum([float(s in STOP_SIGNAL) for s in STOP_SIGNALS], device)
+    return next((s for s, n in zip(STOP_SIGNALS, got) if n), 0)
 
 
 class Meter:
@@ -246,8 +277,9 @@ def train_one_epoch(net, batches, criterion, optimizer, scheduler, epoch, start_
         if hasattr(batches, "set_postfix"):  # tqdm
             batches.set_postfix(loss=f"{meter.loss / meter.count:.3f}", acc=f"{meter.correct / meter.count:.3f}",
                                 img_s=f"{meter.count / (time.time() - start):.0f}", refresh=False)
-        if stop_requested(DEVICE):
-            raise Interrupted(step + 1)
+        signum = stop_requested(DEVICE)
+        if signum:
+            raise Interrupted(step + 1, signum)
 
 
 @torch.inference_mode()
@@ -368,17 +400,30 @@ def plot_curves(csv_path, png_path):
 
 
 def new_run_name(args):
-    """A name no other run has, unless --run-name --overwrite asks to reuse one."""
+    """A name no other run has, claimed by creating its checkpoint folder (two runs started in the
+    same second must not both take it), unless --run-name --overwrite asks to reuse one."""
     base = args.run_name or f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    taken = lambda n: os.path.exists(os.path.join(args.out, n)) or os.path.exists(os.path.join(args.log_dir, f"{n}.log"))
-    if args.run_name and taken(base) and not args.overwrite:
-        raise UserError(f"run {base} exists (in {args.out} or {args.log_dir}); pick another "
-                        f"--run-name, or add --overwrite", exit_code=2)
+    logs = lambda n: [os.path.join(args.log_dir, f"{n}.{ext}") for ext in ("log", "csv", "png")]
+    if args.run_name and args.overwrite:
+        # start afresh: the old run's rows would mix into the new CSV and curves, and its
+        # checkpoints would pass for the new run's until replaced
+        ckpts = [os.path.join(args.out, base, n) for n in ["last.pth"] + [m[1] for m in MODELS.values()]]
+        for path in logs(base) + ckpts:
+            if os.path.exists(path):
+                os.remove(path)
+        os.makedirs(os.path.join(args.out, base), exist_ok=True)
+        return base
     name, k = base, 1
-    while taken(name) and not args.run_name:
+    while True:
+        if not any(map(os.path.exists, logs(name))):
+            with contextlib.suppress(FileExistsError):
+                os.makedirs(os.path.join(args.out, name))  # atomic: fails if another run has it
+                return name
+        if args.run_name:
+            raise UserError(f"run {base} exists (in {args.out} or {args.log_dir}); pick another "
+                            f"--run-name, or add --overwrite", exit_code=2)
         k += 1
         name = f"{base}-{k}"
-    return name
 
 
 def broadcast(obj):
@@ -409,6 +454,8 @@ def main(argv=None):
     cuda = DEVICE.type == "cuda"
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes", exit_code=2)
+    if args.sync_bn and world_size > 1 and not cuda:  # it would fail at the first step, mid-run
+        raise UserError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation", exit_code=2)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -434,7 +481,7 @@ def main(argv=None):
     # -- data ----------------------------------------------------------------------------------
     # resnet without augmentation is an exact linear probe: the frozen backbone's pooled features
     # never change, so compute them once and train the FC alone (single process only)
-    probe = (args.no_augment and world_size == 1 and getattr(model, "frozen", False)
+    probe = (args.no_augment and world_size == 1 and getattr(model, "frozen", False) and not args.no_probe
              and not list(model.head.body.parameters()))
     loaders = data.get_loaders(
         args.data_dir, args.batch_size, args.image_size, DEVICE, args.workers, args.val_split,
@@ -506,7 +553,7 @@ def main(argv=None):
         except Interrupted as stop:
             if master:
                 save_checkpoint(checkpoint_state(epoch, stop.args[0]), False, run_dir, best_name)
-            signum = STOP_SIGNAL[0]
+            signum = stop.args[1]
             log.info(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {stop.args[0]}; "
                      f"saved {run_dir}/last.pth. Resume with: python train.py --resume {run_dir}/last.pth")
             return 128 + signum
@@ -523,7 +570,8 @@ def main(argv=None):
         is_best = False
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
             val_loss, val_acc, _ = validate(eval_net, loaders["val"], autocast)
-            is_best = val_acc > best_acc
+            # the first validation always writes the best checkpoint, even at 0% (tiny runs)
+            is_best = val_acc > best_acc or epoch + 1 == min(args.val_every, args.epochs)
             best_acc = max(best_acc, val_acc)
             log.info(f"Val loss : {val_loss:.4f}    Val Acc : {val_acc:.4f}")
             log.info(f"best accuracy is {best_acc:.4f}")

@@ -1,8 +1,12 @@
 """Small shared pieces: the user-facing error, safe checkpoint files, versions, torch.distributed."""
+import glob
 import os
 import pickle
 import platform
+import re
+import signal
 import sys
+import warnings
 import zipfile
 
 import torch
@@ -23,6 +27,9 @@ def run_cli(main):
     except UserError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # ^C before training starts, or a second ^C: nothing to save
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,6 +44,10 @@ def atomic_save(obj, path):
     """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    # a process killed mid-save (kill -9) leaves its temporary file behind; one process writes a
+    # run's files, so any other temporary file of this name is such a leftover
+    for stale in glob.glob(glob.escape(os.path.join(folder, f".{os.path.basename(path)}.tmp")) + "*"):
+        os.remove(stale)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -59,12 +70,15 @@ def safe_load(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle warns of its protocol before it is refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "Unpickler error" in ln]
-        first = lines[0] if lines else type(e).__name__
-        raise UserError(f"{what} {path} was refused by torch.load(weights_only=True): it holds "
-                        f"more than tensors and plain types, so it is not loaded ({first})") from None
+        blocked = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if not blocked:  # an opcode torch.save never writes: a text file, a raw pickle, garbage
+            raise UserError(f"{what} {path} is not a PyTorch file (torch.load cannot read it)") from None
+        raise UserError(f"{what} {path} was refused by torch.load(weights_only=True): it holds more than "
+                        f"tensors and plain types ({blocked.group(1)}), so it is not loaded") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {path} is truncated or not a PyTorch file ({first})") from None
