@@ -103,9 +103,10 @@ class Forked:
         """Poll stdout for a line starting with ``prefix`` (the script's stdout is unbuffered)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            with open(self.out) as f:
-                if any(line.startswith(prefix) for line in f):
-                    return
+            if os.path.exists(self.out):  # the child may not have opened it yet
+                with open(self.out) as f:
+                    if any(line.startswith(prefix) for line in f):
+                        return
             try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:  # it ended without printing the line

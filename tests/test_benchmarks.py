@@ -1,0 +1,179 @@
+"""benchmarks/: bench.py's rows and JSON, reproduce.py's table, gpu_check.py's CPU rehearsal, and the
+partial data folder (CIFAR10_PARTIAL) that gpu_check trains on."""
+import json
+import os
+import sys
+import tarfile
+
+import pytest
+
+from conftest import ROOT, run_script
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+MODELS = ["sample_resnet", "resnet", "resnet_att", "resnet_scratch", "resnet_att_scratch"]
+TINY_BENCH = ["--image-size", "32", "--batch-size", "8", "--steps", "1", "--min-seconds", "0"]
+
+
+def partial_folder(tmp_path, cifar_root):
+    """A cifar-10-batches-bin holding only data_batch_1.bin and test_batch.bin, as on the GPU."""
+    src = os.path.join(cifar_root, "cifar-10-batches-bin")
+    dst = tmp_path / "partial" / "cifar-10-batches-bin"
+    dst.mkdir(parents=True)
+    for name in ("data_batch_1.bin", "test_batch.bin"):
+        os.symlink(os.path.join(src, name), dst / name)
+    return str(tmp_path / "partial")
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py
+
+
+def test_bench_writes_rows_with_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_script("benchmarks/bench.py", *TINY_BENCH, "--workers", "1", "--models", "sample_resnet",
+                   "--json", out, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(out.read_text())
+    assert [(row["kind"], row["model"]) for row in result["rows"]] == [
+        ("data", None), ("train", "sample_resnet"), ("eval", "sample_resnet")]
+    for row in result["rows"]:
+        assert row["project_img_s"] > 0 and row["seed_img_s"] > 0
+        assert row["ratio"] == pytest.approx(row["project"]["img_s"] / row["seed"]["img_s"], abs=0.01)
+        assert row["image_size"] == 32 and row["batch_size"] == 8
+    assert {"cpu", "cores", "gpu", "torch"} <= result["machine"].keys()
+    assert result["machine"]["cores"] >= 1 and result["command"].startswith("python benchmarks/bench.py")
+    assert "| data | - | 32 | 8 |" in r.stdout and "| train | sample_resnet |" in r.stdout
+
+
+def test_bench_records_a_failed_row_and_goes_on(tmp_path):
+    out = tmp_path / "bench.json"  # -1 workers: the seed's DataLoader refuses, the run goes on
+    r = run_script("benchmarks/bench.py", *TINY_BENCH, "--workers", "-1", "--skip-train", "--json", out, timeout=60)
+    assert r.returncode == 1
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["kind"] == "data" and "num_workers" in row["error"] and "| data | - | 32 | 8 | failed:" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# reproduce.py
+
+
+def fake_run(tmp_path, model, test_acc):
+    """A run's CSV written by train.py's own writer, and its output lines, as train.py prints them."""
+    import train
+    csv_path = str(tmp_path / f"{model}.csv")
+    for epoch, val in ((1, ""), (2, "0.51000")):
+        train.append_csv(csv_path, {"epoch": epoch, "train_loss": "1.0", "train_acc": f"0.{epoch}0000",
+                                    "val_loss": "1.1" if val else "", "val_acc": val, "lr": "0.1",
+                                    "seconds": "10.0", "images_per_s": f"{100 * epoch}.0"})
+    output = (f"run x: {model}, 20,490 trainable of 23,528,522 parameters, cpu, image size 32\n"
+              f"best accuracy is 0.5100\nTest loss : 1.2000\nTest Acc : {test_acc:.4f}\n")
+    return csv_path, output
+
+
+def test_reproduce_reads_runs_into_a_five_row_table(tmp_path):
+    import reproduce
+    rows = []
+    for model in MODELS:
+        figures = reproduce.read_run(*fake_run(tmp_path, model, 0.5))
+        rows.append({"model": model, "settings": reproduce.PRESETS["cpu"][model], "returncode": 0,
+                     "wall_s": 60.0, "seed_test_acc": reproduce.SEED_TEST_ACC[model], **figures})
+    assert figures == {"epochs_done": 2, "train_acc": 0.2, "best_val_acc": 0.51, "test_acc": 0.5,
+                       "train_img_s": 150.0, "trainable_params": 20490, "total_params": 23528522}
+    meta = {"preset": "cpu", "command": "python benchmarks/reproduce.py --preset cpu", "weights": "w.pth",
+            "machine": {"cpu": "CPU X", "cores": 2, "gpu": None, "torch": "2"}, "date": "today", "train_pool": 50000}
+    table = reproduce.markdown(rows, meta)
+    body = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    assert [ln.split(" | ")[0][2:] for ln in body] == MODELS
+    assert "| 0.9631 |" in body[-1] and "32 px" in body[0] and "python benchmarks/reproduce.py" in table
+
+
+def test_reproduce_presets_cover_the_five_models():
+    import reproduce
+    for preset in ("full", "cpu", "tiny"):
+        assert list(reproduce.PRESETS[preset]) == MODELS
+    assert all(o == {"image_size": 224, "epochs": 10, "val_every": 5} for o in reproduce.PRESETS["full"].values())
+
+
+def test_reproduce_tiny_one_model(tmp_path, cifar_root):
+    r = run_script("benchmarks/reproduce.py", "--tiny", "--models", "sample_resnet", "--data-dir", cifar_root,
+                   "--out", tmp_path, "--log-dir", tmp_path / "log", "--checkpoints", tmp_path / "ck", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (md,) = [p for p in os.listdir(tmp_path) if p.startswith("tiny-") and p.endswith(".md")]
+    result = json.loads((tmp_path / md.replace(".md", ".json")).read_text())
+    (row,) = result["rows"]
+    assert row["model"] == "sample_resnet" and row["epochs_done"] == 1 and 0 <= row["test_acc"] <= 1
+    assert row["trainable_params"] == 234226 and row["command"].startswith("python train.py --model sample_resnet")
+    assert "| sample_resnet | 32 px, 1 ep, train 64" in (tmp_path / md).read_text()
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_five_models(tmp_path, cifar_root, weights_path):
+    r = run_script("benchmarks/reproduce.py", "--tiny", "--data-dir", cifar_root, "--weights", weights_path,
+                   "--out", tmp_path, "--log-dir", tmp_path / "log", "--checkpoints", tmp_path / "ck", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (js,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    rows = json.loads((tmp_path / js).read_text())["rows"]
+    assert [row["model"] for row in rows] == MODELS
+    assert all(row["test_acc"] is not None and row["returncode"] == 0 for row in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The partial data folder and gpu_check.py
+
+
+def test_partial_folder_needs_the_opt_in(tmp_path, cifar_root, monkeypatch):
+    import data
+    from utils import UserError
+    root = partial_folder(tmp_path, cifar_root)
+    monkeypatch.delenv("CIFAR10_PARTIAL", raising=False)
+    with pytest.raises(UserError, match="lacks data_batch_2.bin.*CIFAR10_PARTIAL=1"):
+        data.load_cifar10(root, download=False)
+    monkeypatch.setenv("CIFAR10_PARTIAL", "1")
+    train_x, train_y, test_x, _ = data.load_cifar10(root, download=False)
+    assert train_x.shape == (10000, 32, 32, 3) and len(train_y) == 10000 and len(test_x) == 10000
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsal_on_cpu(tmp_path, cifar_root):
+    out = tmp_path / "out"
+    r = run_script("benchmarks/gpu_check.py", "--device", "cpu", "--data-dir", partial_folder(tmp_path, cifar_root),
+                   "--image-size", "32", "--train-subset", "256", "--test-subset", "128", "--epochs", "1",
+                   "--batch-size", "64", "--val-split", "100", "--out", out,
+                   "--bench-args=--batch-size 8 --steps 1 --min-seconds 0 --workers 1 --models sample_resnet",
+                   timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = sorted(os.listdir(out))  # a device call brings back at most 8 files
+    assert len(files) == 3 and files[2] == "logs.tar.gz"
+    rows = json.loads((out / files[0]).read_text())["rows"]
+    assert [row["model"] for row in rows] == ["sample_resnet", "resnet_scratch", "resnet_att_scratch"]
+    assert all(row["test_acc"] is not None for row in rows)
+    assert "1 of the 5 batches" in r.stdout and "random init" in (out / files[1]).read_text()
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"logs/versions.json", "logs/bench.json", "logs/bench.log"} <= set(names)
+    assert sum(n.endswith(".csv") for n in names) == 3
+
+
+def test_gpu_check_fits_epochs_to_the_measured_throughput():
+    import gpu_check
+    bench = {"rows": [{"kind": "train", "model": "resnet_scratch", "project_img_s": 3000.0},
+                      {"kind": "train", "model": "resnet_att_scratch", "error": "CUDA out of memory"}]}
+    seconds = gpu_check.RUN_OVERHEAD_S + 100  # 100 s of training at 0.7 x 3,000 img/s: 210,000 images
+    assert gpu_check.epochs_that_fit("resnet_scratch", bench, seconds, 10_000) == 21
+    assert gpu_check.epochs_that_fit("resnet_scratch", bench, seconds, 1_000) == gpu_check.MAX_EPOCHS
+    assert gpu_check.epochs_that_fit("resnet_scratch", bench, 1, 10_000) == 1
+    assert gpu_check.epochs_that_fit("resnet_att_scratch", bench, seconds, 10_000) == gpu_check.FALLBACK_EPOCHS
+    assert gpu_check.epochs_that_fit("sample_resnet", None, seconds, 10_000) == gpu_check.FALLBACK_EPOCHS
+
+
+def test_bench_targets_allow_for_noise_only_near_the_target():
+    import torch
+    import bench
+    rows = [{"kind": "data", "model": None, "image_size": 224, "ratio": 7.0, "project_img_s": 4900.0},
+            {"kind": "train", "model": "resnet", "image_size": 64, "ratio": 1.2, "project_img_s": 70.0},
+            {"kind": "train", "model": "resnet_scratch", "image_size": 64, "ratio": 0.97, "project_img_s": 20.0}]
+    checks = list(bench.targets(rows, torch.device("cpu")).values())
+    assert checks == ["met", "within noise"]
+    rows[2]["ratio"] = 0.8
+    assert list(bench.targets(rows, torch.device("cpu")).values()) == ["met", "NOT met"]
