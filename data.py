@@ -215,7 +215,10 @@ def crop_resize_rows(resize, start, length):
     lo = lo.long()
     hi = torch.minimum(lo + 1, length - 1)
     base = start[:, None]
-    return torch.lerp(resize[base + lo], resize[base + hi], frac)
+    # index_select on flat indices: ~3x faster than advanced indexing on the CPU
+    below = resize.index_select(0, (base + lo).view(-1)).view(len(start), size, -1)
+    above = resize.index_select(0, (base + hi).view(-1)).view(len(start), size, -1)
+    return below.lerp_(above, frac)
 
 
 def draw_crops(n, size, generator, device):
@@ -241,14 +244,15 @@ def augment_matrices(resize, top, left, side, flip):
     return rows, cols
 
 
-def resample(images, rows, cols, mean, std, out=None):
+def resample(images, rows, cols, mean, std, out=None, tmp=None):
     """uint8 (B, 32, 32, 3) -> normalised float32 (B, 3, S, S): rows @ img @ cols^T per channel.
 
-    ``out`` (B, 3, S, S) is filled in place when given: on the CPU, a reused buffer is ~10x faster
-    than a fresh 150 MB allocation, whose page faults cost more than the arithmetic."""
+    ``out`` (B, 3, S, S) and ``tmp`` (B, 3, 32, S) are filled in place when given: on the CPU,
+    reused buffers are much faster than fresh large allocations, whose page faults cost more than
+    the arithmetic (150 MB a batch at 224 px)."""
     x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255)
     x = (x - mean) / std  # exact before resampling: interpolation rows sum to one
-    x = torch.matmul(x, cols.transpose(1, 2).unsqueeze(1))  # (B, 3, 32, S)
+    x = torch.matmul(x, cols.transpose(1, 2).unsqueeze(1), out=tmp)  # (B, 3, 32, S)
     return torch.matmul(rows.unsqueeze(1), x, out=out)  # (B, 3, S, S)
 
 
@@ -283,12 +287,13 @@ class TensorLoader:
     def __len__(self):
         return num_batches(len(self.images), self.batch_size, self.train)
 
-    def _out(self, n):
+    def _buffers(self, n):
+        """(out, tmp) for ``resample``: reused on the CPU; the CUDA caching allocator reuses already."""
         if self.device.type != "cpu":
-            return None  # the CUDA caching allocator already reuses memory
-        if self.buffer is None or len(self.buffer) < n:
-            self.buffer = torch.empty(n, 3, self.size, self.size)
-        return self.buffer[:n]
+            return None, None
+        if self.buffer is None or len(self.buffer[0]) < n:
+            self.buffer = torch.empty(n, 3, self.size, self.size), torch.empty(n, 3, 32, self.size)
+        return self.buffer[0][:n], self.buffer[1][:n]
 
     def __iter__(self):
         n = len(self.images)
@@ -303,7 +308,7 @@ class TensorLoader:
                 rows, cols = augment_matrices(self.resize, *(c[idx] for c in crops))
             else:
                 rows = cols = self.resize.expand(len(idx), -1, -1)
-            x = resample(self.images[idx], rows, cols, self.mean, self.std, self._out(len(idx)))
+            x = resample(self.images[idx], rows, cols, self.mean, self.std, *self._buffers(len(idx)))
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]

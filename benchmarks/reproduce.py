@@ -37,11 +37,11 @@ SEED_TEST_ACC = {"sample_resnet": 0.6609, "resnet": 0.8443, "resnet_att": 0.8854
 # Presets: per model, train.py options (flag names without the dashes); train.py's defaults
 # (batch 128, 5,000 validation images, per-model optimiser) apply to whatever is not listed.
 FULL = dict(image_size=224, epochs=10, val_every=5)  # the seed's run: validation every 5 epochs
-# CPU: ~15 min on two idle EPYC cores (sized down from a ~25 min first choice to fit a session).
-# Calibrated with one short train.py run of each under that load (2 threads, OMP_WAIT_POLICY
-# PASSIVE), training img/s: sample_resnet@32 435, resnet@64 71, resnet_att@64 56, the two scratch
-# models@64 21; evaluating a ResNet-50@64 ~75 img/s. ResNet-50 costs grow with pixels, so the
-# ResNet models see 64 px and a few thousand images; sample_resnet sees every image at 32 px.
+# CPU: 17 min on two EPYC cores (results/cpu-20261127-*). Calibrated with one short train.py run of each while other jobs
+# kept the cores half busy (2 threads, OMP_WAIT_POLICY=PASSIVE), training img/s: sample_resnet@32
+# 435, resnet@64 71, resnet_att@64 56, the two scratch models@64 21; evaluating a ResNet-50@64 ~75
+# img/s. ResNet-50 costs grow with pixels, so the ResNet models see 64 px and a few thousand images;
+# sample_resnet sees every image at 32 px.
 CPU_EVAL = dict(val_split=1000, test_subset=2000)
 CPU = {
     "sample_resnet": dict(image_size=32, epochs=2, val_split=1000),  # 49,000 train, the full test set

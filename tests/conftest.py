@@ -18,7 +18,7 @@ def cifar_root():
     root = os.environ.get("CIFAR10_ROOT")
     if not root or not os.path.isdir(root):
         pytest.skip("CIFAR10_ROOT is not set to a CIFAR-10 folder (CI: ../shared/data)")
-    return root
+    return os.path.abspath(root)  # tests link to it from temporary folders
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def weights_path():
     path = os.environ.get("RESNET50_WEIGHTS")
     if not path or not os.path.isfile(path):
         pytest.skip("RESNET50_WEIGHTS is not set to a ResNet-50 weights file (CI: ../shared/weights/...)")
-    return path
+    return os.path.abspath(path)
 
 
 @pytest.fixture(scope="session")
