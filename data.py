@@ -304,15 +304,21 @@ class TensorLoader:
         for step in range(self.start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             idx = idx[self.rank::self.world_size]  # this rank's share of the global batch
-            if self.augment:
-                rows, cols = augment_matrices(self.resize, *(c[idx] for c in crops))
-            else:
-                rows = cols = self.resize.expand(len(idx), -1, -1)
-            x = resample(self.images[idx], rows, cols, self.mean, self.std, *self._buffers(len(idx)))
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield self.batch(idx, [c[idx] for c in crops] if self.augment else None), self.labels[idx]
         self.start_step = 0
+
+    def batch(self, idx, crops=None):
+        """The images ``idx`` resized and normalised, flipped and cropped by ``crops`` when given
+        (top, left, side, flip per image, as ``draw_crops`` returns them)."""
+        idx = torch.as_tensor(idx, device=self.device)
+        if crops is not None:
+            rows, cols = augment_matrices(self.resize, *crops)
+        else:
+            rows = cols = self.resize.expand(len(idx), -1, -1)
+        x = resample(self.images[idx], rows, cols, self.mean, self.std, *self._buffers(len(idx)))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
 
 def epoch_seed(seed, epoch):
@@ -375,15 +381,9 @@ def get_loaders(data_dir="cifar", batch_size=128, image_size=224, device="cpu", 
     ``batch_size`` is the global batch: under DDP each of ``world_size`` ranks gets its slice.
     ``shuffle_train=False`` gives every training image once, in order (to cache features).
     """
-    train_x, train_y, test_x, test_y = load_cifar10(data_dir, download)
-    if val_split:
-        train_idx, val_idx = split_train_val(train_y, val_split, seed)
-    else:
-        train_idx, val_idx = np.arange(len(train_y)), None
-    train_idx = subset(train_idx, train_subset, seed)
-    test_idx = subset(np.arange(len(test_y)), test_subset, seed)
-    if len(train_idx) < batch_size:
-        raise UserError(f"--batch-size {batch_size} is larger than the {len(train_idx)} training images", exit_code=2)
+    splits = get_splits(data_dir, val_split, train_subset, test_subset, seed, download)
+    if len(splits["train"][1]) < batch_size:
+        raise UserError(f"--batch-size {batch_size} is larger than the {len(splits['train'][1])} training images", exit_code=2)
 
     def make(x, y, bs, train):
         if data_path == "tensor":
@@ -395,8 +395,23 @@ def get_loaders(data_dir="cifar", batch_size=128, image_size=224, device="cpu", 
         raise UserError(f"unknown data path {data_path!r} (tensor or pil)")
 
     eval_bs = eval_batch_size or batch_size
+    return {name: None if split is None else make(*split, batch_size if name == "train" else eval_bs,
+                                                  shuffle_train if name == "train" else False)
+            for name, split in splits.items()}
+
+
+def get_splits(data_dir="cifar", val_split=5000, train_subset=None, test_subset=None, seed=0, download=True):
+    """{'train', 'val', 'test'}: (uint8 images (N, 32, 32, 3), int64 labels); 'val' is None when
+    val_split is 0. The validation images are a seeded class-balanced hold-out of the training set."""
+    train_x, train_y, test_x, test_y = load_cifar10(data_dir, download)
+    if val_split:
+        train_idx, val_idx = split_train_val(train_y, val_split, seed)
+    else:
+        train_idx, val_idx = np.arange(len(train_y)), None
+    train_idx = subset(train_idx, train_subset, seed)
+    test_idx = subset(np.arange(len(test_y)), test_subset, seed)
     return {
-        "train": make(train_x[train_idx], train_y[train_idx], batch_size, shuffle_train),
-        "val": None if val_idx is None else make(train_x[val_idx], train_y[val_idx], eval_bs, False),
-        "test": make(test_x[test_idx], test_y[test_idx], eval_bs, False),
+        "train": (train_x[train_idx], train_y[train_idx]),
+        "val": None if val_idx is None else (train_x[val_idx], train_y[val_idx]),
+        "test": (test_x[test_idx], test_y[test_idx]),
     }

@@ -4,27 +4,29 @@
     python evaluate.py checkpoints/<run>/ResNet_att.pth --images a.png b.jpg   # top-3 per image
 
 The model is rebuilt from the checkpoint alone (its name, layout and image size are recorded in it).
+From Python: ``model, info = checkpoints.load_model(path)`` (README, "Evaluate and predict").
 """
 import argparse
-import contextlib
 import os
 import sys
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import checkpoints
 import data
-import train  # validate() and the checkpoint loading; main() sets train.DEVICE
-from utils import UserError, run_cli
+import engine
+import report
+from utils import Parser, UserError, positive, run_cli, setup_runtime, tune_cpu_allocator
 
 
 def parse_args(argv):
-    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_ROOT", "cifar"))
     p.add_argument("--no-download", action="store_true")
-    p.add_argument("--batch-size", type=train.positive(int), default=256)
-    p.add_argument("--test-subset", type=train.positive(int), help="default: the checkpoint run's own")
+    p.add_argument("--batch-size", type=positive(int), default=256)
+    p.add_argument("--test-subset", type=positive(int), help="default: the checkpoint run's own")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--confusion", metavar="PNG", help="default: next to the checkpoint, <name>-confusion.png")
     p.add_argument("--images", nargs="+", metavar="FILE", help="print the top-3 classes of each image file")
@@ -41,62 +43,37 @@ def load_image(path):
         raise UserError(f"{path} is not an image PIL can read ({e})") from None
 
 
-def predict(model, paths, image_size, classes):
+def predict(model, paths, info, rt):
     """Top-3 classes per image, each resized as in evaluation (Resize(shorter side), ToTensor,
     Normalize); one image at a time, since files of other shapes give other tensor shapes."""
-    transform = data.eval_transform(image_size)
-    images = [transform(load_image(p)) for p in paths]  # read them all first: fail before any output
+    images = [info["transform"](load_image(p)) for p in paths]  # read them all first: fail before any output
+    classes = info["classes"]
     for path, x in zip(paths, images):
-        with torch.inference_mode():
-            p = model(x[None].to(train.DEVICE)).float().softmax(dim=1)[0].cpu()
+        with torch.inference_mode(), rt.autocast:
+            p = model(x[None].to(rt.device)).float().softmax(dim=1)[0].cpu()
         top = p.topk(3)
         print(f"{path}: " + ", ".join(f"{classes[i]} {v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
 
 
-def plot_confusion(confusion, classes, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted"), ax.set_ylabel("true")
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if confusion[i, j] > confusion.max() / 2 else "black")
-    fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None):
+    tune_cpu_allocator()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.test_subset and args.test_subset > 10000:  # a usage error: say so before any loading
         raise UserError(f"--test-subset {args.test_subset} is larger than the 10,000 test images", exit_code=2)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available", exit_code=2)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    train.DEVICE = torch.device("cuda" if cuda else "cpu")
-    ckpt = train.load_checkpoint(args.checkpoint)
-    model = train.model_from_checkpoint(ckpt, args.checkpoint).to(train.DEVICE).eval()
-    image_size, classes = ckpt["image_size"], ckpt["classes"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    rt = setup_runtime(args.device, distributed=False)
+    model, info = checkpoints.load_model(args.checkpoint, rt.device)
 
     if args.images:
-        with autocast:
-            predict(model, args.images, image_size, classes)
+        predict(model, args.images, info, rt)
         return 0
 
-    run = ckpt["args"]
+    run, classes, image_size = info["args"], info["classes"], info["image_size"]
     test_subset = args.test_subset or run.get("test_subset")
-    loaders = data.get_loaders(args.data_dir, args.batch_size, image_size, train.DEVICE,
+    loaders = data.get_loaders(args.data_dir, args.batch_size, image_size, rt.device,
                                val_split=run["val_split"], train_subset=None, test_subset=test_subset,
                                seed=run["seed"], download=not args.no_download)
-    loss, acc, confusion = train.validate(model, loaders["test"], autocast, len(classes))
-    print(f"{ckpt['model']['name']} ({args.checkpoint}), epoch {ckpt['epoch']}, "
+    loss, acc, confusion = engine.evaluate(model, loaders["test"], rt.device, rt.autocast, len(classes))
+    print(f"{info['name']} ({args.checkpoint}), epoch {info['epoch']}, "
           f"{confusion.sum().item()} test images at {image_size} px")
     print(f"Test loss : {loss:.4f}")
     print(f"Test Acc : {acc:.4f}")
@@ -105,7 +82,7 @@ def main(argv=None):
         total = confusion[i].sum().item()
         print(f"{name:<12}{confusion[i, i].item():>8}{total:>8}{confusion[i, i].item() / max(total, 1):>10.4f}")
     png = args.confusion or os.path.splitext(args.checkpoint)[0] + "-confusion.png"
-    plot_confusion(confusion.numpy(), classes, png)
+    report.plot_confusion(confusion.numpy(), classes, png)
     print(f"confusion matrix: {png}")
     return 0
 

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torchvision
 
 from attention_model import ResAttention
-from utils import UserError, safe_load
+from checkpoints import safe_load
+from utils import UserError
 
 # --model name -> (module that builds it, file name of its best checkpoint, as the seed's)
 MODELS = {

@@ -12,11 +12,11 @@ separately). Images are random uint8: neither path's cost depends on the pixel v
 Rows
   data   normalised batches of the seed's flip + RandomResizedCrop(0.8-1) augmentation:
          data.TensorLoader (batched matmuls on the device) vs data.PILLoader (--workers processes)
-  train  one training step, models from random weights: the project's loop (train.train_one_epoch
+  train  one training step, models from random weights: the project's step (engine.train_step
          on TensorLoader batches; a frozen backbone runs without autograd in eval mode; on CUDA bf16
          autocast, channels_last, cudnn.benchmark, fused optimizer, optional --compile) vs a plain
          seed-style loop (float32, NCHW, PIL DataLoader, the whole model in train mode)
-  eval   inference: train.validate (inference_mode, batch x2, bf16/channels_last on CUDA) vs a
+  eval   inference: engine.evaluate (inference_mode, batch x2, bf16/channels_last on CUDA) vs a
          seed-style torch.no_grad() loop on the PIL DataLoader
 """
 import argparse
@@ -42,7 +42,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
-import train  # noqa: E402
+import engine  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -184,9 +184,10 @@ def bench_data(s, device):
 # Training and evaluation
 
 
-def optimizer_args(name):
-    """train.py's per-model optimiser settings, as the Namespace train.make_optimizer reads."""
-    return SimpleNamespace(**train.MODEL_DEFAULTS[name])
+def make_optimizer(name, params, cuda):
+    """train.py's per-model optimiser (engine.MODEL_DEFAULTS)."""
+    d = engine.MODEL_DEFAULTS[name]
+    return engine.make_optimizer(d["optimizer"], d["lr"], d["weight_decay"], params, fused=cuda)
 
 
 def fresh_model(name, device, channels_last):
@@ -199,21 +200,23 @@ def fresh_model(name, device, channels_last):
 
 
 def project_train(name, images, labels, s, device):
-    """What train.main does per step, through train.train_one_epoch itself."""
+    """What train.py does per step, through engine.train_step itself."""
     cuda = device.type == "cuda"
     backend_flags(True)
     model = fresh_model(name, device, cuda)
     net = torch.compile(model) if s["compile"] else model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(optimizer_args(name), params, cuda)
+    optimizer = make_optimizer(name, params, cuda)
     loader = project_loader(images, labels, s["image_size"], s["batch_size"], device, True)
-    scheduler = train.make_scheduler(optimizer, len(loader), 1)
+    scheduler = engine.make_scheduler(optimizer, len(loader), 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    train.DEVICE = device
+    criterion, meter = nn.CrossEntropyLoss(), engine.Meter(device)
 
     def consume(batches):
-        train.train_one_epoch(net, batches, nn.CrossEntropyLoss(), optimizer, scheduler, 0, 0,
-                              train.Meter(), autocast)
+        net.train()
+        for x, y in batches:
+            engine.train_step(net, x.to(device), y.to(device), criterion, optimizer, scheduler, autocast, meter)
+        meter.read()  # the host reads the sums once, as train.py does at its check points
     return measure(consume, loader, device, s)
 
 
@@ -224,7 +227,7 @@ def seed_train(name, images, labels, s, device):
     model = fresh_model(name, device, False)
     nn.Module.train(model)  # bypass ResNet50Classifier.train, which keeps a frozen backbone in eval
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(optimizer_args(name), params, cuda=False)
+    optimizer = make_optimizer(name, params, cuda=False)
 
     def consume(batches):
         for x, y in batches:
@@ -241,11 +244,10 @@ def project_eval(name, images, labels, s, device):
     cuda = device.type == "cuda"
     backend_flags(True)
     model = fresh_model(name, device, cuda).eval()
-    batch = s["batch_size"] * train.EVAL_BATCH_FACTOR
+    batch = s["batch_size"] * engine.EVAL_BATCH_FACTOR
     loader = project_loader(images, labels, s["image_size"], batch, device, False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    train.DEVICE = device
-    return measure(lambda batches: train.validate(model, batches, autocast), loader, device, s)
+    return measure(lambda batches: engine.evaluate(model, batches, device, autocast), loader, device, s)
 
 
 def seed_eval(name, images, labels, s, device):
@@ -266,7 +268,7 @@ def bench_model(name, s, device):
                 seed_train(name, images, labels, s, device)),
             row("eval", name, size, batch, project_eval(name, images, labels, s, device),
                 seed_eval(name, images, labels, s, device))]
-    rows[1]["project_batch_size"] = batch * train.EVAL_BATCH_FACTOR
+    rows[1]["project_batch_size"] = batch * engine.EVAL_BATCH_FACTOR
     return rows
 
 
@@ -340,7 +342,7 @@ def markdown(rows, s, machine, device, checks):
              f"TensorLoader{cuda_side}{', torch.compile' if s['compile'] else ''}.",
              f"Each side: {s['warmup']} warm-up batch(es), then at least {s['steps']} timed batch(es) and "
              f"{s['min_seconds']} s; models from random weights; the project evaluates with batch "
-             f"x{train.EVAL_BATCH_FACTOR}."]
+             f"x{engine.EVAL_BATCH_FACTOR}."]
     if startup:
         notes.append(f"Seed data path start-up (worker processes and first batches, excluded): {startup[0]}.")
     notes += [f"Target {name}: {status}." for name, status in checks.items()]

@@ -60,10 +60,10 @@ def test_bench_records_a_failed_row_and_goes_on(tmp_path):
 
 def fake_run(tmp_path, model, test_acc):
     """A run's CSV written by train.py's own writer, and its output lines, as train.py prints them."""
-    import train
+    import report
     csv_path = str(tmp_path / f"{model}.csv")
     for epoch, val in ((1, ""), (2, "0.51000")):
-        train.append_csv(csv_path, {"epoch": epoch, "train_loss": "1.0", "train_acc": f"0.{epoch}0000",
+        report.append_csv(csv_path, {"epoch": epoch, "train_loss": "1.0", "train_acc": f"0.{epoch}0000",
                                     "val_loss": "1.1" if val else "", "val_acc": val, "lr": "0.1",
                                     "seconds": "10.0", "images_per_s": f"{100 * epoch}.0"})
     output = (f"run x: {model}, 20,490 trainable of 23,528,522 parameters, cpu, image size 32\n"

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-import train
+import engine
+from utils import StopSignals
 from conftest import ROOT, run_script
 from models import build_model
 
@@ -66,7 +67,7 @@ def step_and_validate(net, wrapped, rank, world):
     x, y = next(iter(train_loader))
     F.cross_entropy(wrapped(x), y).backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
-    return grads, train.validate(net, test_loader, contextlib.nullcontext())
+    return grads, engine.evaluate(net, test_loader, torch.device("cpu"), contextlib.nullcontext())
 
 
 def _worker(rank, port, out):
@@ -76,9 +77,10 @@ def _worker(rank, port, out):
         net = model()
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         grads, val = step_and_validate(net, ddp, rank, WORLD)
-        if rank == 1:  # SIGTERM reaches one rank only (train.on_signal records it)
-            train.STOP_SIGNAL.append(signal.SIGTERM)
-        stop = train.stop_requested(torch.device("cpu"))
+        signals = StopSignals()
+        if rank == 1:  # SIGTERM reaches one rank only (its StopSignals handler records it)
+            signals.handle(signal.SIGTERM, None)
+        stop = signals.requested(torch.device("cpu"))
         torch.save({"grads": grads, "val": val, "stop": int(stop)}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -136,17 +138,17 @@ def test_a_signal_to_one_rank_stops_every_rank(ddp_results):
 def test_the_copy_of_ctrl_c_torchrun_forwards_does_not_abort_a_rank(monkeypatch):
     """^C reaches each rank from the terminal and again from torchrun's agent; only a user's
     second ^C in a single process means "stop at once" (KeyboardInterrupt, no checkpoint)."""
-    monkeypatch.setattr(train, "STOP_SIGNAL", [])
+    signals = StopSignals()
     monkeypatch.setenv("RANK", "0")
-    train.on_signal(signal.SIGINT, None)
+    signals.handle(signal.SIGINT, None)
     try:
-        train.on_signal(signal.SIGINT, None)  # the agent's copy: the rank still stops after its step
+        signals.handle(signal.SIGINT, None)  # the agent's copy: the rank still stops after its step
     except KeyboardInterrupt:  # caught here: pytest would take it for the user's and stop the session
         pytest.fail("the forwarded ^C aborted the rank before it saved")
-    assert train.STOP_SIGNAL == [signal.SIGINT, signal.SIGINT]
+    assert signals.received == [signal.SIGINT, signal.SIGINT]
     monkeypatch.delenv("RANK")
     with pytest.raises(KeyboardInterrupt):  # a single process: the user's second ^C
-        train.on_signal(signal.SIGINT, None)
+        signals.handle(signal.SIGINT, None)
 
 
 # ----------------------------------------------------------------------------------------------

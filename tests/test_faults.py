@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
+from utils import UserError
 
 # A tiny sample_resnet run: 6 steps of 32 images per epoch, 2 epochs, validation every epoch.
 TINY = ["--model", "sample_resnet", "--image-size", "32", "--epochs", "2", "--train-subset", "192",
@@ -324,15 +325,14 @@ def test_disk_full_keeps_checkpoints_and_says_so(tmp_path, half_run, cifar_root,
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(capsys, monkeypatch):
-    import train
     import utils
-    monkeypatch.setattr(train, "STOP_SIGNAL", [])
+    signals = utils.StopSignals()
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(sys, "argv", ["train.py"])
 
     def main():
-        train.on_signal(signal.SIGINT, None)  # the first ^C: stop after this step
-        train.on_signal(signal.SIGINT, None)  # the second: stop now
+        signals.handle(signal.SIGINT, None)  # the first ^C: stop after this step
+        signals.handle(signal.SIGINT, None)  # the second: stop now
     try:
         with pytest.raises(SystemExit) as e:
             utils.run_cli(main)
@@ -361,11 +361,19 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, half_run, cifar_root,
     assert {p: sha(p) for p in before} == before
 
 
+def new_run_name(args):
+    """checkpoints.new_run_name as train.py calls it."""
+    import checkpoints
+    from models import MODELS
+    return checkpoints.new_run_name(args.model, args.run_name, args.overwrite, args.out, args.log_dir,
+                                    [m[1] for m in MODELS.values()])
+
+
 def test_runs_with_the_same_settings_get_their_own_names(tmp_path, monkeypatch):
     import train
     monkeypatch.setattr(time, "strftime", lambda fmt: "20260101-000000")  # the same second
     args, _ = train.parse_args([*TINY, "--out", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "log")])
-    first, second = train.new_run_name(args), train.new_run_name(args)  # before either writes a file
+    first, second = new_run_name(args), new_run_name(args)  # before either writes a file
     assert first == "sample_resnet-20260101-000000" and second == first + "-2"
     assert os.path.isdir(tmp_path / "ck" / first) and os.path.isdir(tmp_path / "ck" / second)
 
@@ -378,11 +386,11 @@ def test_overwrite_starts_the_named_run_afresh(tmp_path):
     for path in [base / "x.log", base / "x.csv", base / "x.png", ck / "last.pth", ck / BEST]:
         path.write_text("an older run\n")
     argv = [*TINY, "--out", str(tmp_path / "ck"), "--log-dir", str(base), "--run-name", "x"]
-    with pytest.raises(train.UserError) as e:
-        train.new_run_name(train.parse_args(argv)[0])
+    with pytest.raises(UserError) as e:
+        new_run_name(train.parse_args(argv)[0])
     assert e.value.exit_code == 2
     assert len(os.listdir(base)) == 3  # refused: nothing touched
-    assert train.new_run_name(train.parse_args(argv + ["--overwrite"])[0]) == "x"
+    assert new_run_name(train.parse_args(argv + ["--overwrite"])[0]) == "x"
     # the old log, CSV and curves would mix with the new run's; old checkpoints would pass for its
     assert os.listdir(base) == [] and os.listdir(ck) == []
 
@@ -584,7 +592,12 @@ def test_every_torch_load_is_weights_only():
         if os.path.basename(os.path.dirname(path)) != "tests":  # tests may read pickles they wrote
             names = {f"{n.value.id}.{n.attr}" for n in ast.walk(tree)
                      if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
-            assert not names & {"pickle.load", "pickle.loads", "jit.load", "np.load"}, path
+            assert not names & {"pickle.load", "pickle.loads", "jit.load"}, path
+            for call in ast.walk(tree):  # np.load only with pickles refused, said explicitly
+                if isinstance(call, ast.Call) and ast.unparse(call.func) == "np.load":
+                    kw = {k.arg: k.value for k in call.keywords}
+                    assert isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False, \
+                        f"{path}:{call.lineno}: np.load without allow_pickle=False"
         loads = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "load"
                  and isinstance(n.value, ast.Name) and n.value.id == "torch"]
         called = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
@@ -597,7 +610,7 @@ def test_every_torch_load_is_weights_only():
             calls.append((where, isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True))
         assert not any(isinstance(n, ast.ImportFrom) and n.module == "torch" and "load" in [a.name for a in n.names]
                        for n in ast.walk(tree)), path
-    assert any(w.startswith("utils.py:") for w, _ in calls)  # the scan sees the one real loader
+    assert any(w.startswith("checkpoints.py:") for w, _ in calls)  # the scan sees the one real loader
     assert [w for w, ok in calls if not ok] == []
 
 

@@ -1,0 +1,145 @@
+"""What a training run is made of, shared by train.py and the benchmarks: per-model hyperparameters,
+the optimiser and its schedule, the training step, and evaluation.
+
+Nothing here waits for the device. The step and evaluation keep their sums (loss, correct
+predictions, images, the confusion matrix) in device tensors; the host reads them only where a
+number is shown or checked (``Meter.read``, the end of ``evaluate``), so a GPU is never stalled
+between steps by a ``.item()``.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from utils import all_reduce_sum
+
+# ----------------------------------------------------------------------------------------------
+# Hyperparameters: one place. Per-model defaults were picked on the validation split (README,
+# "Training defaults"). The ImageNet starts are fine-tuned with a 10x smaller learning rate than
+# the from-scratch sample_resnet; the frozen models train only their head, for which AdamW needs
+# no tuning of the lr to the (un-normalised) scale of the pooled ResNet features.
+MODEL_DEFAULTS = {
+    "sample_resnet": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4),
+    "resnet": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4),
+    "resnet_att": dict(optimizer="adamw", lr=1e-3, weight_decay=5e-2),
+    "resnet_scratch": dict(optimizer="sgd", lr=0.01, weight_decay=5e-4),
+    "resnet_att_scratch": dict(optimizer="sgd", lr=0.01, weight_decay=5e-4),
+}
+BATCH_SIZE = 128  # the global batch (split over ranks under torchrun)
+MOMENTUM = 0.9  # SGD, with Nesterov
+WARMUP_EPOCHS = 1  # linear warmup from 0, then cosine decay to 0, stepped every batch
+EVAL_BATCH_FACTOR = 2  # evaluation stores no activations: a larger batch fits
+
+
+def make_optimizer(name, lr, weight_decay, params, fused=False):
+    fused = {"fused": True} if fused else {}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+
+
+def make_scheduler(optimizer, steps_per_epoch, epochs):
+    """Linear warmup over WARMUP_EPOCHS (at most a tenth of the run), then cosine to zero."""
+    total = steps_per_epoch * epochs
+    warmup = min(WARMUP_EPOCHS * steps_per_epoch, total // 10)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class Meter:
+    """Running sums of one epoch's training loss, correct predictions and images, kept on the
+    device. ``read`` is the one place they reach the host (and are summed over ranks)."""
+
+    def __init__(self, device, loss=0.0, correct=0, count=0):
+        self.device = device
+        self.sums = torch.tensor([float(loss), float(correct), float(count)], dtype=torch.float64, device=device)
+
+    def update(self, loss, logits, y):
+        """Add a batch's mean ``loss`` and its predictions: device ops only, no host sync."""
+        batch = torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+        self.sums += batch
+
+    def local(self):
+        """(loss sum, correct, count) of this process (a host sync): what a checkpoint records."""
+        loss, correct, count = self.sums.tolist()
+        return {"loss": loss, "correct": int(correct), "count": int(count)}
+
+    def local_read(self):
+        """(mean loss, accuracy, images) of this process alone (a host sync, no collective)."""
+        loss, correct, count = self.sums.tolist()
+        return loss / max(count, 1), correct / max(count, 1), int(count)
+
+    def read(self):
+        """(mean loss, accuracy, images) over all ranks (a host sync). The mean loss is NaN or
+        infinite as soon as one step's loss was."""
+        loss, correct, count = all_reduce_sum(self.sums.tolist(), self.device)
+        return loss / max(count, 1), correct / max(count, 1), int(count)
+
+
+def train_step(net, x, y, criterion, optimizer, scheduler, autocast, meter):
+    """One optimisation step. It issues no host synchronisation: the loss and the predictions go
+    into ``meter`` on the device, and their finiteness is checked where the meter is read."""
+    with autocast:
+        logits = net(x)
+        loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    meter.update(loss, logits, y)
+    return loss.detach()
+
+
+def parameters_finite(module):
+    """True when every parameter and buffer is finite: one reduction, one host sync (before a save)."""
+    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([t.detach().float().sum() for t in tensors]).isfinite().all())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class Stopped(Exception):
+    """A stop signal arrived during evaluation: args[0] is its number."""
+
+    @property
+    def signum(self):
+        return self.args[0]
+
+
+@torch.inference_mode()
+def evaluate(net, loader, device, autocast, num_classes=10, stop=None):
+    """(mean loss, accuracy, confusion matrix [true, predicted] on the CPU) over every sample of
+    ``loader`` exactly once. Loss and confusion accumulate on the device (a scatter-add, which
+    unlike ``bincount`` needs no host sync on CUDA); under DDP each rank holds a disjoint share and
+    the sums are reduced. ``stop`` (utils.StopSignals): raise Stopped before the next batch once
+    a stop signal arrived."""
+    net.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    for x, y in loader:
+        if stop is not None and stop.received:  # a Python list: no sync
+            raise Stopped(stop.received[0])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = net(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(confusion)
+        torch.distributed.all_reduce(loss_sum)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    count = int(confusion.sum())
+    return float(loss_sum) / max(count, 1), int(confusion.trace()) / max(count, 1), confusion

@@ -1,0 +1,166 @@
+"""What the user reads and looks at: the run's log lines (the seed's format), its CSV, the loss and
+accuracy curves, the confusion matrix, and progress bars for every long phase."""
+import csv
+import logging
+import os
+import sys
+import time
+
+CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The log: the console and log/<run>.log, the same lines
+
+
+def setup_logging(name, log_file, master):
+    """The logger ``name`` writing plain lines to stdout and ``log_file``; silent on ranks > 0."""
+    log = logging.getLogger(name)
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    if not master:
+        log.addHandler(logging.NullHandler())
+        return log
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(log_file)):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def append_csv(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(csv_path, png_path):
+    plt = pyplot()
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-o"), ("val", "-s")):
+        pts = [(int(r["epoch"]), float(r[f"{split}_loss"]), float(r[f"{split}_acc"])) for r in rows if r[f"{split}_loss"]]
+        if pts:
+            epochs, losses, accs = zip(*pts)
+            ax_loss.plot(epochs, losses, style, label=split)
+            ax_acc.plot(epochs, accs, style, label=split)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch"), ax.set_ylabel(name), ax.grid(alpha=0.3), ax.legend()
+    fig.suptitle(os.path.basename(csv_path)[:-4])
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion, classes, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if confusion[i, j] > confusion.max() / 2 else "black")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """Progress of long work (what, how far, images/s, ETA): tqdm on a terminal; elsewhere (a log
+    file, CI) one plain line at most every ``every_s`` seconds, and one at the end."""
+
+    def __init__(self, total, desc, unit="img", initial=0, every_s=30.0, enabled=True):
+        self.total, self.desc, self.unit, self.n, self.every_s = total, desc, unit, initial, every_s
+        self.enabled, self.start_n = enabled, initial
+        self.start = self.last_print = time.time()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, leave=False)
+
+    def rate(self):
+        return (self.n - self.start_n) / max(time.time() - self.start, 1e-9)
+
+    def line(self, extra=""):
+        rate = self.rate()
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        return (f"  {self.desc}: {self.n:,}/{self.total:,} {self.unit}  {rate:.1f} {self.unit}/s  "
+                f"eta {format_seconds(eta)}{extra}")
+
+    def update(self, n, **postfix):
+        self.n += n
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+        elif self.enabled and (time.time() - self.last_print >= self.every_s or self.n >= self.total):
+            self.last_print = time.time()
+            print(self.line("".join(f"  {k} {v}" for k, v in postfix.items())), flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(s):
+    if s == float("inf"):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class EpochProgress:
+    """The training epoch's progress: tqdm on a terminal; otherwise about ten plain lines an epoch
+    ("  epoch E/N step S/T  loss  acc  img/s  eta"). ``show`` is called at the loop's log points,
+    where the meter is read anyway, so the bar costs no extra host synchronisation."""
+
+    def __init__(self, total, epoch, epochs, first_step, enabled):
+        self.total, self.epoch, self.epochs, self.first_step = total, epoch, epochs, first_step
+        self.enabled, self.start, self.bar = enabled, time.time(), None
+        self.every = max(total // 10, 1)
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", initial=first_step, leave=False,
+                            dynamic_ncols=True)
+
+    def wants(self, step):
+        """Whether step ``step`` (1-based) is a log point."""
+        return self.enabled and (step % self.every == 0 or step == self.total or
+                                 (self.bar is not None and step % max(self.every // 10, 1) == 0))
+
+    def show(self, step, loss, acc, images):
+        rate = images / max(time.time() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
+        steps_rate = (step - self.first_step) / max(time.time() - self.start, 1e-9)
+        print(f"  epoch {self.epoch + 1}/{self.epochs} step {step}/{self.total}  loss {loss:.4f}  acc {acc:.4f}  "
+              f"{rate:.0f} img/s  eta {(self.total - step) / max(steps_rate, 1e-9):.0f}s", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
