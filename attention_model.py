@@ -3,6 +3,11 @@
     channel attention  Mc = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F)))     one shared MLP C -> C/r -> C
     spatial attention  Ms = sigmoid(conv7x7([mean_c(F); max_c(F)]))
     CBAM               F' = Mc * F,  F'' = Ms * F'                         channel first, then spatial
+
+Each attention module computes its sigmoid in a parameter-free submodule ``gate`` (nn.Sigmoid), so a
+forward hook on ``ChannelAttention.gate`` / ``SpatialAttention.gate`` sees exactly the map the
+features are multiplied by: Mc (B, C, 1, 1) / Ms (B, 1, H, W) (explain.py draws them). The gates
+hold no parameters: the state-dict keys are those of the plain formulas.
 """
 import torch
 import torch.nn as nn
@@ -10,7 +15,7 @@ import torch.nn.functional as F
 
 
 class ChannelAttention(nn.Module):
-    """F -> Mc(F) * F."""
+    """F -> Mc(F) * F; ``gate`` outputs Mc, shape (B, C, 1, 1)."""
 
     def __init__(self, channels, reduction=16):
         super().__init__()
@@ -18,23 +23,25 @@ class ChannelAttention(nn.Module):
         # one MLP shared by both pooled descriptors; bias-free as in the paper's W1(W0(.))
         self.mlp = nn.Sequential(nn.Linear(channels, hidden, bias=False), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, channels, bias=False))
+        self.gate = nn.Sigmoid()
 
     def forward(self, x):
         avg = self.mlp(x.mean(dim=(2, 3)))
         mx = self.mlp(x.amax(dim=(2, 3)))
-        return x * torch.sigmoid(avg + mx)[:, :, None, None]
+        return x * self.gate((avg + mx)[:, :, None, None])
 
 
 class SpatialAttention(nn.Module):
-    """F -> Ms(F) * F."""
+    """F -> Ms(F) * F; ``gate`` outputs Ms, shape (B, 1, H, W)."""
 
     def __init__(self, kernel_size=7):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.gate = nn.Sigmoid()
 
     def forward(self, x):
         pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.conv(pooled))
+        return x * self.gate(self.conv(pooled))
 
 
 class CBAM(nn.Sequential):

@@ -15,11 +15,14 @@ A checkpoint is one dict of tensors and plain Python types, loadable with
     optimizer, scheduler, meter, rng_state    what resuming needs, bit for bit
     best_val_acc  the best validation accuracy so far; args: the run's arguments; run_name, versions
 """
+import argparse
 import contextlib
+import copy
 import glob
 import os
 import pickle
 import re
+import reprlib
 import threading
 import time
 import warnings
@@ -74,8 +77,8 @@ def safe_load(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
     try:
-        with warnings.catch_warnings():  # a raw pickle warns of its protocol before it is refused
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        with warnings.catch_warnings():  # about the file's content (a raw pickle's protocol, sparse
+            warnings.simplefilter("ignore")  # tensors, ...), which the callers check themselves
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         blocked = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
@@ -84,8 +87,27 @@ def safe_load(path, what="checkpoint"):
         raise UserError(f"{what} {path} was refused by torch.load(weights_only=True): it holds more than "
                         f"tensors and plain types ({blocked.group(1)}), so it is not loaded") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} is truncated or not a PyTorch file ({first})") from None
+        raise UserError(f"{what} {path} is truncated or not a PyTorch file ({first_line(e)})") from None
+    except Exception as e:
+        # torch's weights-only unpickler runs whatever opcodes the file holds against its stack and
+        # memo without checking them first: a text file ("hi" reads as BINGET 105), random bytes or
+        # a damaged torch.save file raise KeyError, IndexError, struct.error, TypeError,
+        # AssertionError, MemoryError, ... Any of them means the file is not a loadable PyTorch file.
+        raise UserError(f"{what} {path} is damaged or not a PyTorch file (torch.load: "
+                        f"{type(e).__name__}: {first_line(e)})") from None
+
+
+def first_line(e):
+    """An exception's message on one line (its first), or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def plain_tensor(value):
+    """A dense, real-valued CPU tensor: what a state_dict holds (``map_location="cpu"`` moves CUDA
+    tensors; meta, sparse, quantized and complex tensors cannot be copied into a network's weights)."""
+    return (torch.is_tensor(value) and value.layout == torch.strided and value.device.type == "cpu"
+            and not value.is_quantized and not value.is_complex())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,18 +115,104 @@ def safe_load(path, what="checkpoint"):
 
 
 def load_checkpoint(path):
-    """A checkpoint of this project, through torch.load(weights_only=True), or a UserError."""
+    """A checkpoint of this project, through torch.load(weights_only=True), or a UserError.
+
+    Every field is checked for what evaluate.py, train.py --resume and ``load_model`` do with it,
+    so they can trust it: a damaged or hand-edited file is one clear line, not a traceback later."""
     ckpt = safe_load(path)
+    problem = record_problem(ckpt)
+    if problem:
+        raise UserError(f"{path} is not a checkpoint of this project ({problem}); train.py writes them")
+    return ckpt
+
+
+MAX_IMAGE_SIZE = 4096  # CIFAR-10's 32 px images resized 128x: beyond it, a corrupted number
+
+
+def record_problem(ckpt):
+    """Why ``ckpt`` is not a checkpoint train.py could have written, or None. Values are quoted
+    through reprlib: short, and safe from a list nested a thousand deep."""
+    from models import MODELS  # models imports this module (safe_load) for weights files
     if not isinstance(ckpt, dict):
-        problem = f"a {type(ckpt).__name__}, not a dict"
-    elif [k for k in KEYS if k not in ckpt]:
-        problem = "no " + ", ".join(k for k in KEYS if k not in ckpt)
-    elif not (isinstance(ckpt["model"], dict) and set(MODEL_RECORD) <= ckpt["model"].keys()
-              and isinstance(ckpt["state_dict"], dict) and isinstance(ckpt["args"], dict)):
-        problem = f"its model record is not {{{', '.join(MODEL_RECORD)}}} or its state_dict/args not dicts"
-    else:
-        return ckpt
-    raise UserError(f"{path} is not a checkpoint of this project ({problem}); train.py writes them")
+        return f"a {type(ckpt).__name__}, not a dict"
+    if [k for k in KEYS if k not in ckpt]:
+        return "no " + ", ".join(k for k in KEYS if k not in ckpt)
+    model, classes, opt = ckpt["model"], ckpt["classes"], ckpt["optimizer"]
+    if not (isinstance(model, dict) and set(MODEL_RECORD) <= model.keys() and isinstance(ckpt["state_dict"], dict)
+            and isinstance(ckpt["args"], dict)):
+        return f"its model record is not {{{', '.join(MODEL_RECORD)}}} or its state_dict/args not dicts"
+    if not (isinstance(model["name"], str) and model["name"] in MODELS):
+        return f"its model {reprlib.repr(model['name'])} is none of {', '.join(MODELS)}"
+    if not (count(model["num_classes"]) and isinstance(model["stride_in_1x1"], (bool, type(None)))):
+        return "its model record's num_classes is not a count or its stride_in_1x1 not a bool"
+    if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)
+            and len(classes) == model["num_classes"] == len(data.CLASSES)):
+        return f"its classes are not {len(data.CLASSES)} names, one per output of its network"
+    if not all(isinstance(k, str) and plain_tensor(v) for k, v in ckpt["state_dict"].items()):
+        return "its state_dict is not a dict of names to (dense, real, CPU) tensors"
+    if not (count(ckpt["image_size"]) and 0 < ckpt["image_size"] <= MAX_IMAGE_SIZE):
+        return f"its image_size {reprlib.repr(ckpt['image_size'])} is not a whole number of pixels from 1 to {MAX_IMAGE_SIZE}"
+    if not (count(ckpt["epoch"]) and count(ckpt["step"]) and number(ckpt["best_val_acc"])):
+        return "its epoch and step are not counts or its best_val_acc not a number"
+    if not (isinstance(ckpt["run_name"], str) and ckpt["run_name"] and "\0" not in ckpt["run_name"]):
+        return f"its run_name {reprlib.repr(ckpt['run_name'])} is not a name"
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])
+            and isinstance(ckpt["scheduler"], dict)):
+        return "its optimizer or scheduler is not a state_dict of torch.optim"
+    meter, rng = ckpt["meter"], ckpt["rng_state"]
+    if not (isinstance(meter, dict) and all(k in ("loss", "correct", "count") and number(v) for k, v in meter.items())):
+        return "its meter is not {loss, correct, count}"
+    if not (torch.is_tensor(rng) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+        return "its rng_state is not torch.get_rng_state()'s"
+    return args_problem(ckpt["args"], model["name"], ckpt["image_size"])
+
+
+def count(value):
+    """A whole number >= 0 (not a bool, which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# train.py fills these per model when they are not given: a run's arguments always hold them;
+# evaluate.py reads val_split and seed (the test split) from them
+REQUIRED_ARGS = ("model", "optimizer", "lr", "weight_decay", "val_split", "seed")
+
+
+def args_problem(args, model_name, image_size):
+    """Why ``args`` are not the arguments of a train.py run of ``model_name`` at ``image_size``, or
+    None. train.py --resume restores each one: each must be a value train.py's own command line can
+    give (its parser's types, ranges and choices; no NUL in a string). An option missing from an
+    older checkpoint takes train.py's default, except those in REQUIRED_ARGS."""
+    from train import build_parser  # train imports this module
+    if [k for k in REQUIRED_ARGS if k not in args]:
+        return "its args have no " + ", ".join(k for k in REQUIRED_ARGS if k not in args)
+    for action in build_parser()._actions:
+        key = action.dest
+        if key not in args or action.default == argparse.SUPPRESS:
+            continue
+        value = args[key]
+        if value is None and action.default is None and key not in REQUIRED_ARGS:
+            continue  # an option not given
+        if isinstance(action, argparse._StoreTrueAction):
+            ok = isinstance(value, bool)
+        else:
+            try:
+                ok = (isinstance(value, (str, int, float)) and not isinstance(value, bool) and "\0" not in str(value)
+                      and (action.type or str)(str(value)) == value
+                      and (action.choices is None or value in action.choices))
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                ok = False
+        if not ok:
+            return f"its args' {action.option_strings[0]} {reprlib.repr(value)} is not a value train.py takes"
+    if not 0 <= args["seed"] < 2**64:  # what torch.manual_seed and numpy's generators take
+        return f"its args' --seed {args['seed']} is not from 0 to 2**64 - 1"
+    if args["model"] != model_name or args.get("image_size", image_size) != image_size:
+        return f"its args' --model {reprlib.repr(args['model'])} or --image-size is not its record's"
+    return None
 
 
 def save_checkpoint(state, is_best, run_dir, best_name):
@@ -118,8 +226,10 @@ def save_checkpoint(state, is_best, run_dir, best_name):
                             f"before are intact") from None
 
 
-def model_from_checkpoint(ckpt, path):
-    """Rebuild the checkpoint's network from its own record, without flags or weights files."""
+def model_from_checkpoint(ckpt, path, resuming=True):
+    """Rebuild the checkpoint's network from its own record, without flags or weights files.
+
+    ``resuming`` (train.py --resume) also checks that the optimizer and scheduler state restores."""
     from models import build_model  # models imports this module (safe_load) for weights files
     cfg = ckpt["model"]
     model, _ = build_model(cfg["name"], weights="none", num_classes=cfg["num_classes"],
@@ -129,7 +239,33 @@ def model_from_checkpoint(ckpt, path):
     except RuntimeError as e:
         detail = state_dict_mismatch(model.state_dict(), ckpt["state_dict"]) or " ".join(str(e).split())[:300]
         raise UserError(f"checkpoint {path} does not fit the {cfg['name']} network: {detail}") from None
+    if resuming:
+        check_resumable(ckpt, model, path)
     return model
+
+
+def check_resumable(ckpt, model, path):
+    """Restore the optimizer and scheduler state as train.py --resume does, and take one step, on
+    copies: torch.optim checks little when it loads a state (a group of other parameters, a
+    momentum buffer of another shape, a learning rate that is a string all fail only later, at
+    some step). Whatever goes wrong here would go wrong in training: a one-line UserError."""
+    import engine
+    args = ckpt["args"]
+    params = [p.detach().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = engine.make_optimizer(args["optimizer"], args["lr"], args["weight_decay"], params)
+            scheduler = engine.make_scheduler(optimizer, 1, args.get("epochs", 1))
+            optimizer.load_state_dict(copy.deepcopy(ckpt["optimizer"]))
+            scheduler.load_state_dict(copy.deepcopy(ckpt["scheduler"]))
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            scheduler.step()
+    except Exception as e:
+        raise UserError(f"checkpoint {path}: its optimizer or scheduler state does not restore on the "
+                        f"{ckpt['model']['name']} network ({type(e).__name__}: {first_line(e)})") from None
 
 
 def state_dict_mismatch(expected, given):
@@ -149,7 +285,7 @@ def load_model(path, device="cpu"):
     ``info``: name, classes, image_size, epoch, best_val_acc, run_name, and ``transform``, which
     turns an RGB PIL image into the network's input as evaluation does."""
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    model = model_from_checkpoint(ckpt, path, resuming=False).to(device).eval()
     info = {"name": ckpt["model"]["name"], "classes": list(ckpt["classes"]), "image_size": ckpt["image_size"],
             "epoch": ckpt["epoch"], "best_val_acc": ckpt["best_val_acc"], "run_name": ckpt["run_name"],
             "args": ckpt["args"], "transform": data.eval_transform(ckpt["image_size"])}

@@ -53,14 +53,20 @@ def _md5(path):
 def read_bin_file(path, check_md5=True):
     """One file of the binary version -> (images uint8 (N, 32, 32, 3), labels int64 (N,))."""
     name = os.path.basename(path)
-    size = os.path.getsize(path)
-    if size == 0 or size % BIN_RECORD:
-        raise UserError(f"{path} is truncated or not a CIFAR-10 binary file ({size} bytes, "
-                        f"not a multiple of {BIN_RECORD}); download it again")
-    if check_md5 and name in BIN_MD5 and _md5(path) != BIN_MD5[name]:
-        raise UserError(f"{path} has the wrong md5 (expected {BIN_MD5[name]}); the file is "
-                        f"corrupted, download it again")
-    records = np.fromfile(path, dtype=np.uint8).reshape(-1, BIN_RECORD)
+    try:
+        size = os.path.getsize(path)
+        if size == 0 or size % BIN_RECORD:
+            raise UserError(f"{path} is truncated or not a CIFAR-10 binary file ({size} bytes, "
+                            f"not a multiple of {BIN_RECORD}); download it again")
+        if check_md5 and name in BIN_MD5 and _md5(path) != BIN_MD5[name]:
+            raise UserError(f"{path} has the wrong md5 (expected {BIN_MD5[name]}); the file is "
+                            f"corrupted, download it again")
+        records = np.fromfile(path, dtype=np.uint8).reshape(-1, BIN_RECORD)
+    except OSError as e:  # unreadable: permissions, a disk error, a folder in its place
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    if records[:, 0].max() >= len(CLASSES):  # only without the md5 check: the official files pass
+        raise UserError(f"{path} is not a CIFAR-10 binary file (a label byte of {records[:, 0].max()}, "
+                        f"not 0-{len(CLASSES) - 1})")
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), records[:, 0].astype(np.int64)
 

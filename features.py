@@ -39,7 +39,7 @@ from utils import UserError, atomic_write_text
 FORMAT = 1
 CHUNK = 256  # images per chunk: the unit of resume and of checksums (~20 s on two CPU cores)
 EXTRACT_BATCH = 32  # fastest ResNet-50 inference batch on the 2-core CPUs (benchmarks/extract_bench.py)
-MAP_DTYPE = np.float16  # layer4 maps in half precision: 200 KB an image at 224 px (float32: 400 KB)
+MAP_DTYPE = "float16"  # default storage of layer4 maps: 200 KB an image at 224 px (float32: 400 KB)
 PREPROCESS = "tensor-path-eval-v1"  # data.TensorLoader without augmentation: Resize, Normalize
 KINDS = ("pooled", "maps")
 
@@ -57,7 +57,7 @@ def sha256_of_tensors(tensors):
     return digest.hexdigest()
 
 
-def cache_key(model, images, labels, image_size, compute_dtype):
+def cache_key(model, images, labels, image_size, compute_dtype, map_dtype=MAP_DTYPE):
     """The fields an entry is keyed by (plain types), and its 16-hex-digit digest."""
     fields = {
         "format": FORMAT,
@@ -69,7 +69,7 @@ def cache_key(model, images, labels, image_size, compute_dtype):
         "count": len(images),
         "preprocess": PREPROCESS,
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
-        "map_dtype": np.dtype(MAP_DTYPE).name,
+        "map_dtype": np.dtype(map_dtype).name,
     }
     return fields, hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -84,7 +84,7 @@ class CacheEntry:
     def __init__(self, folder, fields, map_shape):
         self.folder, self.fields, self.n = folder, fields, fields["count"]
         self.shapes = {"pooled": (self.n, map_shape[0]), "maps": (self.n, *map_shape)}
-        self.dtypes = {"pooled": np.dtype(np.float32), "maps": np.dtype(MAP_DTYPE)}
+        self.dtypes = {"pooled": np.dtype(np.float32), "maps": np.dtype(fields["map_dtype"])}
         self.chunks = -(-self.n // CHUNK)
 
     def path(self, name):
@@ -175,8 +175,8 @@ class CacheEntry:
 # Extraction
 
 
-def bytes_per_image(kinds, map_shape):
-    per = {"pooled": 4 * map_shape[0], "maps": np.dtype(MAP_DTYPE).itemsize * int(np.prod(map_shape))}
+def bytes_per_image(kinds, map_shape, map_dtype):
+    per = {"pooled": 4 * map_shape[0], "maps": np.dtype(map_dtype).itemsize * int(np.prod(map_shape))}
     return sum(per[k] for k in kinds)
 
 
@@ -215,7 +215,7 @@ def extract(model, entry, images, labels, kinds, device, autocast, todo, done, w
                 if "pooled" in kinds:
                     outs["pooled"].append(pooled.cpu().numpy())
                 if "maps" in kinds:
-                    outs["maps"].append(fmap.to(torch.float16).cpu().numpy())
+                    outs["maps"].append(fmap.cpu().numpy().astype(entry.dtypes["maps"]))
                 bar.update(len(x))
             done[i] = entry.write_chunk(i, {k: np.concatenate(v) for k, v in outs.items()})
             entry.write_progress(done)
@@ -223,12 +223,13 @@ def extract(model, entry, images, labels, kinds, device, autocast, todo, done, w
         bar.close()
 
 
-def cached_features(model, split, images, labels, kind, cache_dir, image_size, device, autocast, log, stop=None):
+def cached_features(model, split, images, labels, kind, cache_dir, image_size, device, autocast, log, stop=None,
+                    map_dtype=MAP_DTYPE):
     """The features ``kind`` ('pooled' or 'maps') of these images: from the cache when it holds
     them intact, else computed (missing or damaged chunks only) and written there first.
     Returns a read-only numpy array (memory-mapped for maps)."""
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    fields, key = cache_key(model, images, labels, image_size, compute_dtype)
+    fields, key = cache_key(model, images, labels, image_size, compute_dtype, map_dtype)
     with torch.inference_mode():
         probe = torch.zeros(1, 3, image_size, image_size, device=device)
         map_shape = tuple(model.features(probe).shape[1:])
@@ -242,7 +243,7 @@ def cached_features(model, split, images, labels, kind, cache_dir, image_size, d
         if done:
             log.info(f"feature cache {folder}: adding {kind}, recomputing the entry (one pass writes both)")
         kinds = kinds | {kind, "pooled"}
-        check_free_space(cache_dir, bytes_per_image(kinds, map_shape) * len(images))
+        check_free_space(cache_dir, bytes_per_image(kinds, map_shape, fields["map_dtype"]) * len(images))
         entry.create(kinds, labels)
         done = {}
     bad = entry.bad_chunks(done, [kind])
@@ -300,7 +301,7 @@ class FeatureLoader:
 
 
 def cached_loaders(model, splits, cache_dir, image_size, batch_size, eval_batch_size, seed, device, autocast, log,
-                   stop=None):
+                   stop=None, map_dtype=MAP_DTYPE):
     """{'train', 'val', 'test'} FeatureLoaders over the cached features of ``splits`` (from
     data.get_splits): layer4 maps when the head has layers of its own, else the pooled vectors."""
     kind = "maps" if list(model.head.body.parameters()) else "pooled"
@@ -312,7 +313,7 @@ def cached_loaders(model, splits, cache_dir, image_size, batch_size, eval_batch_
         if split is None:
             loaders[name] = None
             continue
-        arr = cached_features(model, name, *split, kind, cache_dir, image_size, device, autocast, log, stop)
+        arr = cached_features(model, name, *split, kind, cache_dir, image_size, device, autocast, log, stop, map_dtype)
         if kind == "pooled":
             arr = np.array(arr)  # 8 KB an image: in memory
         train = name == "train"

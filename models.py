@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision
 
 from attention_model import ResAttention
-from checkpoints import safe_load
+from checkpoints import plain_tensor, safe_load
 from utils import UserError
 
 # --model name -> (module that builds it, file name of its best checkpoint, as the seed's)
@@ -74,9 +74,13 @@ def load_resnet50_state(weights):
     obj = safe_load(weights, "weights file")
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj, meta = obj["state_dict"], obj.get("meta") or {}
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UserError(f"weights file {weights} is not a state_dict (a dict of tensors)")
+        obj, meta = obj["state_dict"], obj.get("meta")
+        meta = {} if meta is None else meta
+        stride = meta.get("stride_in_1x1", False) if isinstance(meta, dict) else None
+        if not (isinstance(stride, int) and stride in (0, 1)):  # bool is an int
+            raise UserError(f"weights file {weights}: its meta is not a dict whose stride_in_1x1 is true or false")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and plain_tensor(v) for k, v in obj.items()):
+        raise UserError(f"weights file {weights} is not a state_dict (a dict of names to dense, real tensors)")
     return obj, bool(meta.get("stride_in_1x1", False))
 
 
