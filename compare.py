@@ -169,7 +169,7 @@ def table(rows):
 
 def plot(runs, path):
     plt = report.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, rows) in enumerate(runs):
         color = colors[k % len(colors)]
@@ -184,7 +184,7 @@ def plot(runs, path):
         ax.set_xlabel("epoch"), ax.set_ylabel(what), ax.grid(alpha=0.3)
         if 0 < len(epochs) <= 20:
             ax.set_xticks(epochs)
-    axes[1].legend(fontsize=8, loc="best")
+    fig.legend(*axes[1].get_legend_handles_labels(), fontsize=8, loc="outside right upper")
     fig.suptitle("train (solid) and validation (dashed) per epoch", fontsize=10)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -297,7 +297,8 @@ class TensorLoader:
         """(out, tmp) for ``resample``: reused on the CPU; the CUDA caching allocator reuses already."""
         if self.device.type != "cpu":
             return None, None
-        if self.buffer is None or len(self.buffer[0]) < n:
+        stale = self.buffer is not None and self.buffer[0].is_inference() and not torch.is_inference_mode_enabled()
+        if self.buffer is None or len(self.buffer[0]) < n or stale:  # inference tensors stay in inference mode
             self.buffer = torch.empty(n, 3, self.size, self.size), torch.empty(n, 3, 32, self.size)
         return self.buffer[0][:n], self.buffer[1][:n]
 

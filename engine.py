@@ -55,33 +55,32 @@ def make_scheduler(optimizer, steps_per_epoch, epochs):
 
 
 class Meter:
-    """Running sums of one epoch's training loss, correct predictions and images, kept on the
-    device. ``read`` is the one place they reach the host (and are summed over ranks)."""
+    """Running sums of one epoch's training loss and correct predictions, kept on the device, and
+    its image count, known on the host. ``local`` and ``read`` are where they reach the host."""
 
     def __init__(self, device, loss=0.0, correct=0, count=0):
-        self.device = device
-        self.sums = torch.tensor([float(loss), float(correct), float(count)], dtype=torch.float64, device=device)
+        self.device, self.count = device, int(count)
+        self.sums = torch.tensor([float(loss), float(correct)], dtype=torch.float64, device=device)
 
     def update(self, loss, logits, y):
         """Add a batch's mean ``loss`` and its predictions: device ops only, no host sync."""
-        batch = torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
-        self.sums += batch
+        self.sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
+        self.count += len(y)
 
     def local(self):
-        """(loss sum, correct, count) of this process (a host sync): what a checkpoint records."""
-        loss, correct, count = self.sums.tolist()
-        return {"loss": loss, "correct": int(correct), "count": int(count)}
+        """{loss, correct, count} sums of this process (a host sync): what a checkpoint records."""
+        loss, correct = self.sums.tolist()
+        return {"loss": loss, "correct": int(correct), "count": self.count}
 
     def local_read(self):
         """(mean loss, accuracy, images) of this process alone (a host sync, no collective)."""
-        loss, correct, count = self.sums.tolist()
-        return loss / max(count, 1), correct / max(count, 1), int(count)
+        loss, correct = self.sums.tolist()
+        return loss / max(self.count, 1), correct / max(self.count, 1), self.count
 
     def read(self):
         """(mean loss, accuracy, images) over all ranks (a host sync). The mean loss is NaN or
         infinite as soon as one step's loss was."""
-        loss, correct, count = all_reduce_sum(self.sums.tolist(), self.device)
+        loss, correct, count = all_reduce_sum(self.sums.tolist() + [self.count], self.device)
         return loss / max(count, 1), correct / max(count, 1), int(count)
 
 
@@ -119,7 +118,6 @@ class Stopped(Exception):
         return self.args[0]
 
 
-@torch.inference_mode()
 def evaluate(net, loader, device, autocast, num_classes=10, stop=None):
     """(mean loss, accuracy, confusion matrix [true, predicted] on the CPU) over every sample of
     ``loader`` exactly once. Loss and confusion accumulate on the device (a scatter-add, which
@@ -127,19 +125,21 @@ def evaluate(net, loader, device, autocast, num_classes=10, stop=None):
     the sums are reduced. ``stop`` (utils.StopSignals): raise Stopped before the next batch once
     a stop signal arrived."""
     net.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
-    for x, y in loader:
-        if stop is not None and stop.received:  # a Python list: no sync
-            raise Stopped(stop.received[0])
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            logits = net(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(confusion)
-        torch.distributed.all_reduce(loss_sum)
-    confusion = confusion.view(num_classes, num_classes).cpu()
+    with torch.inference_mode():
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+        for x, y in loader:
+            if stop is not None and stop.received:  # a Python list: no sync
+                raise Stopped(stop.received[0])
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                logits = net(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(confusion)
+            torch.distributed.all_reduce(loss_sum)
+        confusion = confusion.view(num_classes, num_classes).cpu()
+    confusion = confusion.clone()  # a normal tensor: the caller may change it in place
     count = int(confusion.sum())
     return float(loss_sum) / max(count, 1), int(confusion.trace()) / max(count, 1), confusion

@@ -70,6 +70,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="DataLoader workers of the seed's PIL path (default: the CPU cores)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--seed-models", nargs="*", choices=list(MODELS),
+                   help="models whose seed-style side is measured too (default: all of --models)")
     p.add_argument("--threads", type=int, help="torch threads of this process (default: torch's, the cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the project's training step")
     p.add_argument("--skip-data", action="store_true")
@@ -115,10 +117,14 @@ def timed(batches, device, warmup, steps, min_seconds, clock, multiple_of=1):
     sync(device)
     start = time.perf_counter()
     images = count = 0
+    full = None
     while count < steps or time.perf_counter() - start < min_seconds or count % multiple_of:
         try:
             batch = next(it)
         except StopIteration:  # the pool ran out: report what was timed
+            break
+        full = full or len(batch[1])
+        if len(batch[1]) != full:  # a last partial batch: a new shape, which cuDNN would autotune
             break
         yield batch
         images, count = images + len(batch[1]), count + 1
@@ -129,9 +135,12 @@ def timed(batches, device, warmup, steps, min_seconds, clock, multiple_of=1):
 
 
 def measure(consume, batches, device, s, multiple_of=1):
-    """Run ``consume`` over timed batches -> {'img_s', 'images', 'batches', 'seconds', 'warmup_s'}."""
+    """Run ``consume`` over timed batches -> {'img_s', 'images', 'batches', 'seconds', 'warmup_s'}.
+    A DataLoader prepares ``prefetch_factor`` batches per worker ahead: those made during the
+    warm-up would come for free in the timed window, so they are warm-up too."""
     clock = {}
-    consume(timed(batches, device, s["warmup"], s["steps"], s["min_seconds"], clock, multiple_of))
+    ahead = getattr(batches, "num_workers", 0) * (getattr(batches, "prefetch_factor", None) or 0)
+    consume(timed(batches, device, s["warmup"] + ahead, s["steps"], s["min_seconds"], clock, multiple_of))
     return clock
 
 
@@ -154,7 +163,7 @@ def pool(n):
 
 def project_loader(images, labels, size, batch, device, train_mode):
     return data.TensorLoader(images, labels, batch, size, train_mode, device, SEED, augment=True,
-                             channels_last=device.type == "cuda")
+                             channels_last=True)  # as train.py: faster on the GPU and the CPU
 
 
 def seed_loader(images, labels, s, size, batch, train_mode):
@@ -175,8 +184,7 @@ def bench_data(s, device):
     # warm up one batch per worker (their start-up) and time whole rounds of workers: each worker
     # delivers a batch per round, so a partial round would count batches still in flight
     rounds = max(s["workers"], 1)
-    seed_s = dict(s, warmup=max(s["warmup"], rounds))
-    seed = measure(drain(device), seed_loader(images, labels, s, size, batch, True), device, seed_s, rounds)
+    seed = side(lambda: measure(drain(device), seed_loader(images, labels, s, size, batch, True), device, s, rounds))
     return row("data", None, size, batch, project, seed)
 
 
@@ -203,7 +211,7 @@ def project_train(name, images, labels, s, device):
     """What train.py does per step, through engine.train_step itself."""
     cuda = device.type == "cuda"
     backend_flags(True)
-    model = fresh_model(name, device, cuda)
+    model = fresh_model(name, device, True)
     net = torch.compile(model) if s["compile"] else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(name, params, cuda)
@@ -243,7 +251,7 @@ def seed_train(name, images, labels, s, device):
 def project_eval(name, images, labels, s, device):
     cuda = device.type == "cuda"
     backend_flags(True)
-    model = fresh_model(name, device, cuda).eval()
+    model = fresh_model(name, device, True).eval()
     batch = s["batch_size"] * engine.EVAL_BATCH_FACTOR
     loader = project_loader(images, labels, s["image_size"], batch, device, False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -261,13 +269,22 @@ def seed_eval(name, images, labels, s, device):
     return measure(consume, seed_loader(images, labels, s, s["image_size"], s["batch_size"], False), device, s)
 
 
-def bench_model(name, s, device):
+def side(measure_side):
+    """One side of a row; its failure is recorded in the row, never erasing the other side."""
+    try:
+        return measure_side()
+    except Exception as e:  # noqa: BLE001 -- e.g. too little shared memory for the seed's workers
+        return {"error": " ".join(f"{type(e).__name__}: {e}".split())[:200]}
+
+
+def bench_model(name, s, device, with_seed=True):
     images, labels = pool(POOL)
     size, batch = s["image_size"], s["batch_size"]
-    rows = [row("train", name, size, batch, project_train(name, images, labels, s, device),
-                seed_train(name, images, labels, s, device)),
-            row("eval", name, size, batch, project_eval(name, images, labels, s, device),
-                seed_eval(name, images, labels, s, device))]
+    skipped = {"error": "not measured (--seed-models)"}
+    seed_tr = side(lambda: seed_train(name, images, labels, s, device)) if with_seed else skipped
+    seed_ev = side(lambda: seed_eval(name, images, labels, s, device)) if with_seed else skipped
+    rows = [row("train", name, size, batch, project_train(name, images, labels, s, device), seed_tr),
+            row("eval", name, size, batch, project_eval(name, images, labels, s, device), seed_ev)]
     rows[1]["project_batch_size"] = batch * engine.EVAL_BATCH_FACTOR
     return rows
 
@@ -277,9 +294,11 @@ def bench_model(name, s, device):
 
 
 def row(kind, model, size, batch, project, seed):
+    """Both sides' figures; a seed side that failed or was skipped leaves the project's standing."""
+    ok = "error" not in seed
     return {"kind": kind, "model": model, "image_size": size, "batch_size": batch,
-            "project_img_s": round(project["img_s"], 1), "seed_img_s": round(seed["img_s"], 1),
-            "ratio": round(project["img_s"] / seed["img_s"], 2), "project": project, "seed": seed}
+            "project_img_s": round(project["img_s"], 1), "seed_img_s": round(seed["img_s"], 1) if ok else None,
+            "ratio": round(project["img_s"] / seed["img_s"], 2) if ok else None, "project": project, "seed": seed}
 
 
 def machine_info():
@@ -314,10 +333,11 @@ def targets(rows, device):
     out = {}
     data_row = next((r for r in rows if r["kind"] == "data" and "error" not in r), None)
     trains = [r for r in rows if r["kind"] == "train" and "error" not in r]
-    if data_row and device.type == "cpu" and data_row["image_size"] == 224:
+    compared = [r for r in trains if r["ratio"] is not None]
+    if data_row and data_row["ratio"] and device.type == "cpu" and data_row["image_size"] == 224:
         out["data >= 5x the seed's (CPU, 224 px)"] = verdict(data_row["ratio"], 5)
-    if trains:
-        worst = min(trains, key=lambda r: r["ratio"])
+    if compared:
+        worst = min(compared, key=lambda r: r["ratio"])
         out[f"no training step slower than the seed's (slowest: {worst['model']} {worst['ratio']:.2f}x)"] = \
             verdict(worst["ratio"], 1)
     if data_row and trains and device.type == "cuda" and data_row["image_size"] == trains[0]["image_size"]:
@@ -331,11 +351,16 @@ def markdown(rows, s, machine, device, checks):
     lines = ["| row | model | px | batch | project img/s | seed img/s | project / seed |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        figures = (f"failed: {r['error']} | | |" if "error" in r else
-                   f"{r['project_img_s']:,.0f} | {r['seed_img_s']:,.0f} | {r['ratio']:.2f}x |")
+        if "error" in r:
+            figures = f"failed: {r['error']} | | |"
+        elif r["ratio"] is None:
+            figures = f"{r['project_img_s']:,.0f} | {r['seed']['error']} | |"
+        else:
+            figures = f"{r['project_img_s']:,.0f} | {r['seed_img_s']:,.0f} | {r['ratio']:.2f}x |"
         lines.append(f"| {r['kind']} | {r['model'] or '-'} | {r['image_size']} | {r['batch_size']} | {figures}")
     cuda_side = ", bf16 autocast, channels_last, cudnn.benchmark, fused optimizer" if device.type == "cuda" else ""
-    startup = [f"{r['seed']['warmup_s']:.1f} s" for r in rows if r["kind"] == "data" and "error" not in r]
+    startup = [f"{r['seed']['warmup_s']:.1f} s" for r in rows if r["kind"] == "data" and "error" not in r
+               and "warmup_s" in r["seed"]]
     notes = [f"Machine: {machine_line(machine)}; device {device.type}; {machine['torch_threads']} torch "
              f"thread(s), OMP_WAIT_POLICY={machine['omp_wait_policy']}.",
              f"Seed side: PIL DataLoader, {s['workers']} worker process(es), float32, NCHW. Project side: "
@@ -385,7 +410,8 @@ def main(argv=None):
                         for k in kinds]
         for r in new_rows:
             print(f"  {r['kind']} {r['model'] or ''}: " + (f"failed: {r['error']}" if "error" in r else
-                  f"project {r['project_img_s']:,.0f} img/s, seed {r['seed_img_s']:,.0f}, {r['ratio']:.2f}x"),
+                  f"project {r['project_img_s']:,.0f} img/s, " + (f"seed {r['seed_img_s']:,.0f}, {r['ratio']:.2f}x"
+                                                                   if r["ratio"] else f"seed {r['seed']['error']}")),
                   flush=True)
         rows.extend(new_rows)
         if args.json:  # after every model: a run cut short still leaves its rows
@@ -395,7 +421,8 @@ def main(argv=None):
         add(["data"], None, s["data_size"], s["data_batch"], lambda: [bench_data(s, device)])
     if not args.skip_train:
         for name in args.models:
-            add(["train", "eval"], name, s["image_size"], s["batch_size"], lambda: bench_model(name, s, device))
+            with_seed = args.seed_models is None or name in args.seed_models
+            add(["train", "eval"], name, s["image_size"], s["batch_size"], lambda: bench_model(name, s, device, with_seed))
     failed = any("error" in r for r in rows)
     print("\n" + report(rows, s, machine, device, argv)["markdown"])
     return 1 if failed else 0
