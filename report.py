@@ -6,11 +6,26 @@ import os
 import sys
 import time
 
+from utils import UserError
+
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 
 
 # ----------------------------------------------------------------------------------------------
 # The log: the console and log/<run>.log, the same lines
+
+
+def cannot_write(path, error):
+    reason = getattr(error, "strerror", None) or error
+    return UserError(f"could not write {path}: {reason}; the checkpoints are intact")
+
+
+class LogFile(logging.FileHandler):
+    """A log file whose write errors (disk full, read-only) stop the run with one line, instead of
+    logging's traceback on stderr and a run that goes on without its log."""
+
+    def handleError(self, record):
+        raise cannot_write(self.baseFilename, sys.exc_info()[1])
 
 
 def setup_logging(name, log_file, master):
@@ -22,7 +37,11 @@ def setup_logging(name, log_file, master):
     if not master:
         log.addHandler(logging.NullHandler())
         return log
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(log_file)):
+    try:
+        file_handler = LogFile(log_file)
+    except OSError as e:
+        raise cannot_write(log_file, e) from None
+    for handler in (logging.StreamHandler(sys.stdout), file_handler):
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     return log
@@ -30,11 +49,14 @@ def setup_logging(name, log_file, master):
 
 def append_csv(path, row):
     new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    try:
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+    except OSError as e:
+        raise cannot_write(path, e) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,8 +85,16 @@ def plot_curves(csv_path, png_path):
         ax.set_xlabel("epoch"), ax.set_ylabel(name), ax.grid(alpha=0.3), ax.legend()
     fig.suptitle(os.path.basename(csv_path)[:-4])
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path)
+
+
+def save_figure(fig, path, dpi=100):
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    finally:
+        pyplot().close(fig)
 
 
 def plot_confusion(confusion, classes, path):
@@ -80,8 +110,7 @@ def plot_confusion(confusion, classes, path):
                     color="white" if confusion[i, j] > confusion.max() / 2 else "black")
     fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -229,8 +229,11 @@ def main(argv=None):
         run_dir = os.path.join(args.out, run_name)
     log_base = os.path.join(args.log_dir, run_name)
     if rt.master:
-        os.makedirs(run_dir, exist_ok=True)
-        os.makedirs(args.log_dir, exist_ok=True)
+        for folder in (run_dir, args.log_dir):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
     log = report.setup_logging("train", log_base + ".log", rt.master)
     log.info(f"{'resuming' if ckpt else 'run'} {run_name}: {args.model}, {trainable:,} trainable of {total:,} "
              f"parameters, {rt.device}{f' x{rt.world_size}' if rt.world_size > 1 else ''}, image size "
@@ -280,7 +283,7 @@ def main(argv=None):
     def save(epoch, step, is_best):
         """Checkpoint the run (rank 0), never a non-finite state."""
         if not engine.parameters_finite(model):
-            raise UserError(f"the weights became non-finite in epoch {epoch + (step == 0)}, by step "
+            raise UserError(f"the weights became non-finite in epoch {epoch if step == 0 else epoch + 1}, by step "
                             f"{step or len(loaders['train'])}; stopped, the last good checkpoint is kept")
         if rt.master:
             writer.save({

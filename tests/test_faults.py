@@ -666,3 +666,107 @@ def test_code_in_a_checkpoint_never_runs(case, evil, cifar_root, cli, tmp_path):
     res = cli(script, *argv, "--data-dir", cifar_root, env=dict(OFFLINE, TORCH_HOME=str(evil.torch_home)))
     assert not evil.marker.exists(), "the checkpoint's code ran"
     assert_one_line_error(res, 1, *words)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 14: every phase honours a stop signal; logs that cannot be written; options on resume
+
+
+def signal_in(tmp_path, target, nth=1):
+    """A driver whose ``target`` (module.function) sends this process SIGINT at its ``nth`` call,
+    then runs as usual: a ^C arriving in that phase."""
+    module, name = target.split(".")
+    return driver(tmp_path, f"""
+        import signal, {module}
+        real, calls = {module}.{name}, []
+        def interrupted(*a, **k):
+            calls.append(1)
+            if len(calls) == {nth}:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(*a, **k)
+        {module}.{name} = interrupted
+    """)
+
+
+def test_ctrl_c_while_loading_data_stops_with_one_line_and_writes_nothing(tmp_path, cifar_root, cli):
+    run = Run(str(tmp_path), "load")
+    res = cli(signal_in(tmp_path, "data.get_loaders"), *run.args("--data-dir", cifar_root))
+    assert_one_line_error(res, 130, "stopped by SIGINT while loading the data")
+    assert not os.path.exists(run.last) and not os.path.exists(run.best)
+
+
+def test_ctrl_c_during_validation_saves_and_resumes_bit_identical(tmp_path, tiny_run, cifar_root, cli):
+    run = Run(str(tmp_path), "val")
+    res = cli(signal_in(tmp_path, "engine.evaluate", nth=2), *run.args("--data-dir", cifar_root))  # epoch 2's
+    assert res.returncode == 130, res.stderr
+    assert "during validation after epoch 2" in res.stdout and "Traceback" not in res.stderr
+    ckpt = load(run.last)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 6)  # epoch 2's steps all done, its validation not
+    res = cli("train.py", "--resume", run.last)  # no --data-dir: the run's own
+    assert res.returncode == 0, res.stderr
+    assert_same_weights(run.last, tiny_run.last)
+    assert_same_weights(run.best, tiny_run.best)
+    assert printed_test_acc(res.stdout) == printed_test_acc(tiny_run.stdout)
+
+
+def test_ctrl_c_during_the_final_test_stops_with_one_line(tmp_path, tiny_run, cifar_root, cli):
+    run = Run(str(tmp_path), "test")
+    res = cli(signal_in(tmp_path, "engine.evaluate", nth=3), *run.args("--data-dir", cifar_root))
+    assert_one_line_error(res, 130, "stopped by SIGINT during the final test", "evaluate.py")
+    assert_same_weights(run.last, tiny_run.last)  # every checkpoint complete
+    assert "Test Acc" not in res.stdout
+
+
+@pytest.mark.parametrize("which", ["csv", "log"])
+def test_a_full_disk_for_the_logs_is_one_line_and_keeps_checkpoints(which, tmp_path, cifar_root, cli):
+    run = Run(str(tmp_path), "full")
+    assert cli("train.py", *run.args("--data-dir", cifar_root, "--stop-after", "1")).returncode == 0
+    before = {p: sha(p) for p in (run.last, run.best)}
+    path = os.path.join(run.log_dir, f"full.{which}")
+    os.remove(path)
+    os.symlink("/dev/full", path)  # every write: ENOSPC
+    res = cli("train.py", "--resume", run.last)
+    assert_one_line_error(res, 1, "could not write", "No space left on device", "checkpoints are intact")
+    assert {p: sha(p) for p in before} == before
+
+
+def test_abbreviated_options_are_refused(tmp_path, cifar_root, cli):
+    run = Run(str(tmp_path), "abbrev")
+    res = cli("train.py", *run.args("--data-dir", cifar_root), "--epoch", "20")
+    assert_one_line_error(res, 2, "unrecognized arguments: --epoch")
+    res = cli("evaluate.py", "x.pth", "--image", "a.png")
+    assert_one_line_error(res, 2, "unrecognized arguments")
+
+
+def test_resume_keeps_the_runs_own_options_unless_given(tmp_path, half_run, cifar_root, cli):
+    """--data-dir and --no-download of the run, not the defaults (which would download into cifar/)."""
+    run = half_run.copy(tmp_path)
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    res = cli("train.py", "--resume", run.last, cwd=empty, env={"CIFAR10_ROOT": ""})
+    assert res.returncode == 0, res.stderr
+    assert not os.path.exists(empty / "cifar")
+    other = tmp_path / "elsewhere"
+    res = cli("train.py", "--resume", run.last, "--data-dir", other, cwd=empty)  # given: the new value
+    assert_one_line_error(res, 1, str(other))
+
+
+def test_weights_that_become_non_finite_are_never_saved(tmp_path, cifar_root, cli):
+    """The loss of the last step is computed before its update: NaN weights after it must be
+    caught by the check before the save, not written as the last good checkpoint."""
+    run = Run(str(tmp_path), "nanw")
+    poison = driver(tmp_path, """
+        import engine
+        real, calls = engine.train_step, []
+        def step(net, *a, **k):
+            loss = real(net, *a, **k)
+            calls.append(1)
+            if len(calls) == 6:  # the last step of epoch 1
+                with torch.no_grad():
+                    next(net.parameters()).fill_(float("nan"))
+            return loss
+        engine.train_step = step
+    """)
+    res = cli(poison, *run.args("--data-dir", cifar_root))
+    assert_one_line_error(res, 1, "non-finite", "epoch 1")
+    assert not os.path.exists(run.last) and not os.path.exists(run.best)
