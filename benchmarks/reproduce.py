@@ -51,8 +51,12 @@ CPU = {
     "resnet_att_scratch": dict(image_size=64, epochs=2, train_subset=3000, **CPU_EVAL),
 }
 TINY = dict(image_size=32, epochs=1, train_subset=64, val_split=100, test_subset=64, batch_size=32)
+# The two frozen models at the seed's scale on any machine: the head trains on cached features
+# (features.py), so only the first run pays for the backbone (hours on two CPU cores).
+FROZEN_FULL = dict(FULL, no_augment=True)
 PRESETS = {
     "full": {m: dict(FULL) for m in MODELS},
+    "frozen-full": {"resnet": FROZEN_FULL, "resnet_att": FROZEN_FULL},
     "cpu": CPU,
     "tiny": {m: dict(TINY) for m in MODELS},
 }
@@ -66,7 +70,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--tiny", action="store_true", help="same as --preset tiny: 64 images, 1 epoch (tests)")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    p.add_argument("--models", nargs="+", choices=MODELS, help="default: the preset's models")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="train each model once per seed (train.py --seed); the table shows mean ± std")
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_ROOT", "cifar"))
     p.add_argument("--weights", default=os.environ.get("RESNET50_WEIGHTS", "imagenet"),
                    help="ResNet-50 start of the four ResNet models (default: $RESNET50_WEIGHTS, else imagenet)")
@@ -78,6 +84,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
+    args.models = args.models or list(PRESETS[args.preset])
+    missing = [m for m in args.models if m not in PRESETS[args.preset]]
+    if missing:
+        p.error(f"preset {args.preset} has no {', '.join(missing)}")
     return args
 
 
@@ -150,7 +160,7 @@ def read_run(csv_path, output):
 
 def run_model(model, opts, common, dirs, stamp, deadline=None, env=None):
     """Train one model -> its table row."""
-    name = f"{dirs['tag']}-{model}-{stamp}"
+    name = f"{dirs['tag']}-{model}-{stamp}" + (f"-seed{opts['seed']}" if "seed" in opts else "")
     argv = train_argv(model, opts, name, common)
     rc, output, wall = run_train(argv, os.path.join(dirs["log"], f"{name}.out"), deadline, env)
     row = {"model": model, "run": name, "settings": opts, "command": "python train.py " + shlex.join(argv),
@@ -185,6 +195,24 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def spread(values, spec):
+    """'mean ± std (n)' over the seeds' values; one value as it is."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return fmt(values[0] if values else None, spec)
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{format(mean, spec)} ± {format(std, spec)} ({len(values)})"
+
+
+def by_model(rows):
+    """Rows of the same model (one per seed) together, in order of first appearance."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["model"], []).append(r)
+    return groups.values()
+
+
 def markdown(rows, meta):
     short = meta["machine"]["gpu"] or f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores"
     lines = [f"# Results: preset `{meta['preset']}`", "",
@@ -193,13 +221,18 @@ def markdown(rows, meta):
              "| model | settings | trainable params | train acc (last epoch) | best val acc | test acc | "
              "seed test acc | wall time | train img/s | machine |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        note = f" ({r['epochs_done']} ep done, exit {r['returncode']})" if r["returncode"] else ""
-        lines.append(f"| {r['model']} | {describe(r['settings'], meta['train_pool'])}{note} | "
-                     f"{fmt(r['trainable_params'], ',')} | {fmt(r['train_acc'], '.4f')} | "
-                     f"{fmt(r['best_val_acc'], '.4f')} | {fmt(r['test_acc'], '.4f')} | "
-                     f"{r['seed_test_acc']:.4f} | {r['wall_s'] / 60:.1f} min | {fmt(r['train_img_s'], ',.0f')} | "
-                     f"{short} |")
+    for group in by_model(rows):
+        r = group[0]
+        failed = [g for g in group if g["returncode"]]
+        note = "".join(f" (seed {g['settings'].get('seed', 0)}: {g['epochs_done']} ep done, exit {g['returncode']})"
+                       for g in failed)
+        seeds = f", seeds {', '.join(str(g['settings'].get('seed', 0)) for g in group)}" if len(group) > 1 else ""
+        col = lambda key: [g[key] for g in group]
+        lines.append(f"| {r['model']} | {describe(r['settings'], meta['train_pool'])}{seeds}{note} | "
+                     f"{fmt(r['trainable_params'], ',')} | {spread(col('train_acc'), '.4f')} | "
+                     f"{spread(col('best_val_acc'), '.4f')} | {spread(col('test_acc'), '.4f')} | "
+                     f"{r['seed_test_acc']:.4f} | {sum(col('wall_s')) / 60:.1f} min | "
+                     f"{spread(col('train_img_s'), ',.0f')} | {short} |")
     policy = meta["machine"].get("omp_wait_policy") or TRAIN_ENV["OMP_WAIT_POLICY"]
     threads = f" (OMP_WAIT_POLICY={policy}" + (f", OMP_NUM_THREADS={meta['threads']})" if meta.get("threads") else ")")
     lines += ["", f"ResNet-50 start of the four ResNet models: `{meta['weights']}` (sample_resnet has no "
@@ -241,8 +274,10 @@ def main(argv=None):
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     rows = []
     for model in args.models:
-        print(f"reproduce: {model}: {describe(PRESETS[args.preset][model])}", flush=True)
-        rows.append(run_model(model, PRESETS[args.preset][model], common, dirs, stamp, env=env))
+        for seed in args.seeds:
+            opts = dict(PRESETS[args.preset][model], **({"seed": seed} if args.seeds != [0] else {}))
+            print(f"reproduce: {model}: {describe(opts)}, seed {seed}", flush=True)
+            rows.append(run_model(model, opts, common, dirs, stamp, env=env))
         meta["total_wall_s"] = round(sum(r["wall_s"] for r in rows), 1)
         path = write_table(rows, meta, args.out)  # after every model: a cut-off run still has its table
     print("\n" + markdown(rows, meta) + f"\nwritten: {path} (and .json)")

@@ -88,6 +88,21 @@ def test_reproduce_reads_runs_into_a_five_row_table(tmp_path):
     assert "| 0.9631 |" in body[-1] and "32 px" in body[0] and "python benchmarks/reproduce.py" in table
 
 
+def test_reproduce_seeds_give_mean_and_std(tmp_path):
+    import reproduce
+    rows = []
+    for seed, acc in ((0, 0.5), (1, 0.6), (2, 0.7)):
+        figures = reproduce.read_run(*fake_run(tmp_path / str(seed), "resnet", acc)) if (tmp_path / str(seed)).mkdir() \
+            is None else None
+        rows.append({"model": "resnet", "settings": dict(reproduce.PRESETS["cpu"]["resnet"], seed=seed),
+                     "returncode": 0, "wall_s": 60.0, "seed_test_acc": 0.8443, **figures})
+    meta = {"preset": "cpu", "command": "c", "weights": "w", "machine": {"cpu": "X", "cores": 2, "gpu": None,
+                                                                         "torch": "2"}, "date": "d", "train_pool": 50000}
+    body = [ln for ln in reproduce.markdown(rows, meta).splitlines() if ln.startswith("| resnet")]
+    assert len(body) == 1  # one row for the three seeds
+    assert "0.6000 ± 0.1000 (3)" in body[0] and "seeds 0, 1, 2" in body[0] and "3.0 min" in body[0]
+
+
 def test_reproduce_presets_cover_the_five_models():
     import reproduce
     for preset in ("full", "cpu", "tiny"):
