@@ -178,7 +178,11 @@ def eval_transform(size=224):
 
 
 class ArrayDataset(Dataset):
-    """uint8 (N, 32, 32, 3) images + labels -> (transform(PIL image), label)."""
+    """uint8 (N, 32, 32, 3) images + labels -> (transform(PIL image), label).
+
+    An item is an index, or (index, seed): the transform's random draws then come from torch's RNG
+    seeded with ``seed`` (forked: the caller's RNG is left as it was), so they depend on that seed
+    alone, not on which worker loads the image nor on what that worker loaded before."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -186,8 +190,14 @@ class ArrayDataset(Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        image = Image.fromarray(self.images[i])
+        if seed is None:
+            return self.transform(image), int(self.labels[i])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), int(self.labels[i])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,10 +314,12 @@ class TensorLoader:
 
     def __iter__(self):
         n = len(self.images)
-        g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(n, generator=g, device=self.device) if self.train else torch.arange(n, device=self.device)
+        # drawn on the CPU whatever the device, then moved (once an epoch): a run resumed on
+        # another device (--device may change) sees the same order and crops
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(n, generator=g).to(self.device) if self.train else torch.arange(n, device=self.device)
         if self.augment:
-            crops = draw_crops(n, self.size, g, self.device)
+            crops = [c.to(self.device) for c in draw_crops(n, self.size, g, "cpu")]
         for step in range(self.start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             idx = idx[self.rank::self.world_size]  # this rank's share of the global batch
@@ -338,41 +350,50 @@ def num_batches(n, batch_size, drop_last):
 
 class _GlobalBatchSampler(torch.utils.data.Sampler):
     """The same global batches as TensorLoader (seeded order, this rank's slice of each batch),
-    from a given step on, so the PIL path is resumable mid-epoch too."""
+    from a given step on, so the PIL path is resumable mid-epoch too. With ``draws``, each index
+    comes as (index, seed) for ArrayDataset: one seed per image and epoch, a function of (seed,
+    epoch, image index) only."""
 
-    def __init__(self, n, train, seed, batch_size, rank, world_size):
+    def __init__(self, n, train, seed, batch_size, rank, world_size, draws=False):
         self.n, self.train, self.seed, self.batch_size = n, train, seed, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.draws = rank, world_size, draws
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
 
-    def __len__(self):
-        return num_batches(self.n, self.batch_size, self.train) - self.start_step
+    def __len__(self):  # the whole epoch's, as TensorLoader's: train.py numbers steps from start_step
+        return num_batches(self.n, self.batch_size, self.train)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=g) if self.train else torch.arange(self.n)
-        for step in range(self.start_step, self.start_step + len(self)):
-            yield order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size].tolist()
+        seeds = torch.randint(1 << 62, (self.n,), generator=g).tolist() if self.draws else None
+        for step in range(self.start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size].tolist()
+            yield [(i, seeds[i]) for i in idx] if self.draws else idx
         self.start_step = 0
 
 
 class PILLoader(DataLoader):
-    """The seed's path: a DataLoader over PIL transforms, with ``set_epoch`` like TensorLoader."""
+    """The seed's path: a DataLoader over PIL transforms, with ``set_epoch`` like TensorLoader.
+
+    Each image's augmentation draws come from its own seed, a function of (seed, epoch, image
+    index): a resumed run sees exactly the batches an uninterrupted one would, with any number of
+    workers. torch's global RNG is neither read nor advanced (the DataLoader's own generator
+    gives the workers' base seed)."""
 
     def __init__(self, images, labels, batch_size, image_size, train, workers, seed=0, augment=True,
                  rank=0, world_size=1, pin_memory=False):
-        transform = seed_train_transform(image_size) if train and augment else eval_transform(image_size)
-        self.batches = _GlobalBatchSampler(len(images), train, seed, batch_size, rank, world_size)
+        draws = train and augment
+        transform = seed_train_transform(image_size) if draws else eval_transform(image_size)
+        self.batches = _GlobalBatchSampler(len(images), train, seed, batch_size, rank, world_size, draws)
         super().__init__(ArrayDataset(images, labels, transform), batch_sampler=self.batches,
-                         num_workers=workers, pin_memory=pin_memory)
+                         num_workers=workers, pin_memory=pin_memory, generator=torch.Generator())
         self.seed = seed
 
     def set_epoch(self, epoch, start_step=0):
         self.batches.set_epoch(epoch, start_step)
-        torch.manual_seed(epoch_seed(self.seed, epoch))  # the PIL transforms draw from torch's RNG
 
 
 # ----------------------------------------------------------------------------------------------
