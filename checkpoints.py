@@ -114,13 +114,14 @@ def plain_tensor(value):
 # The format
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, args_parser=None):
     """A checkpoint of this project, through torch.load(weights_only=True), or a UserError.
 
     Every field is checked for what evaluate.py, train.py --resume and ``load_model`` do with it,
-    so they can trust it: a damaged or hand-edited file is one clear line, not a traceback later."""
+    so they can trust it: a damaged or hand-edited file is one clear line, not a traceback later.
+    ``args_parser`` (train.py's, for --resume) also checks every saved argument against it."""
     ckpt = safe_load(path)
-    problem = record_problem(ckpt)
+    problem = record_problem(ckpt, args_parser)
     if problem:
         raise UserError(f"{path} is not a checkpoint of this project ({problem}); train.py writes them")
     return ckpt
@@ -129,7 +130,7 @@ def load_checkpoint(path):
 MAX_IMAGE_SIZE = 4096  # CIFAR-10's 32 px images resized 128x: beyond it, a corrupted number
 
 
-def record_problem(ckpt):
+def record_problem(ckpt, args_parser=None):
     """Why ``ckpt`` is not a checkpoint train.py could have written, or None. Values are quoted
     through reprlib: short, and safe from a list nested a thousand deep."""
     from models import MODELS  # models imports this module (safe_load) for weights files
@@ -151,7 +152,8 @@ def record_problem(ckpt):
     if not all(isinstance(k, str) and plain_tensor(v) for k, v in ckpt["state_dict"].items()):
         return "its state_dict is not a dict of names to (dense, real, CPU) tensors"
     if not (count(ckpt["image_size"]) and 0 < ckpt["image_size"] <= MAX_IMAGE_SIZE):
-        return f"its image_size {reprlib.repr(ckpt['image_size'])} is not a whole number of pixels from 1 to {MAX_IMAGE_SIZE}"
+        return (f"its image_size {reprlib.repr(ckpt['image_size'])} is not a whole number of pixels "
+                f"from 1 to {MAX_IMAGE_SIZE}")
     if not (count(ckpt["epoch"]) and count(ckpt["step"]) and number(ckpt["best_val_acc"])):
         return "its epoch and step are not counts or its best_val_acc not a number"
     if not (isinstance(ckpt["run_name"], str) and ckpt["run_name"] and "\0" not in ckpt["run_name"]):
@@ -161,11 +163,12 @@ def record_problem(ckpt):
             and isinstance(ckpt["scheduler"], dict)):
         return "its optimizer or scheduler is not a state_dict of torch.optim"
     meter, rng = ckpt["meter"], ckpt["rng_state"]
-    if not (isinstance(meter, dict) and all(k in ("loss", "correct", "count") and number(v) for k, v in meter.items())):
-        return "its meter is not {loss, correct, count}"
+    if not (isinstance(meter, dict) and set(meter) <= {"loss", "correct", "count"} and number(meter.get("loss", 0))
+            and count(meter.get("correct", 0)) and count(meter.get("count", 0))):
+        return "its meter is not {loss: a number, correct, count: counts}"
     if not (torch.is_tensor(rng) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
         return "its rng_state is not torch.get_rng_state()'s"
-    return args_problem(ckpt["args"], model["name"], ckpt["image_size"])
+    return args_problem(ckpt["args"], model["name"], ckpt["image_size"], args_parser)
 
 
 def count(value):
@@ -182,15 +185,17 @@ def number(value):
 REQUIRED_ARGS = ("model", "optimizer", "lr", "weight_decay", "val_split", "seed")
 
 
-def args_problem(args, model_name, image_size):
+def args_problem(args, model_name, image_size, parser=None):
     """Why ``args`` are not the arguments of a train.py run of ``model_name`` at ``image_size``, or
-    None. train.py --resume restores each one: each must be a value train.py's own command line can
-    give (its parser's types, ranges and choices; no NUL in a string). An option missing from an
+    None. Always: the REQUIRED_ARGS are there, with the seed and test subset evaluate.py uses.
+    With ``parser`` (train.py --resume restores each argument): each must be a value that command
+    line can give (its types, ranges and choices; no NUL in a string). An option missing from an
     older checkpoint takes train.py's default, except those in REQUIRED_ARGS."""
-    from train import build_parser  # train imports this module
     if [k for k in REQUIRED_ARGS if k not in args]:
         return "its args have no " + ", ".join(k for k in REQUIRED_ARGS if k not in args)
-    for action in build_parser()._actions:
+    if not (count(args["seed"]) and count(args["val_split"]) and count(args.get("test_subset") or 0)):
+        return "its args' --seed, --val-split or --test-subset is not a count"
+    for action in parser._actions if parser else []:
         key = action.dest
         if key not in args or action.default == argparse.SUPPRESS:
             continue

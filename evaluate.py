@@ -63,7 +63,8 @@ def load_image(path):
     except Exception as e:
         # PIL's decoders meet a damaged file's bytes with whatever they raise: ValueError,
         # SyntaxError, struct.error, IndexError, ... All mean the same: not an image it can read.
-        raise UserError(f"{path} is not an image PIL can read ({type(e).__name__}: {checkpoints.first_line(e)})") from None
+        raise UserError(f"{path} is not an image PIL can read "
+                        f"({type(e).__name__}: {checkpoints.first_line(e)})") from None
 
 
 def predict(model, paths, info, rt):

@@ -11,6 +11,7 @@ checkpoints to <out>/<run>/ (last.pth and the best one, named after the model's 
 ResNet_att.pth). The test set is used once, at the end, on the best checkpoint.
 """
 import argparse
+import math
 import os
 import signal
 import sys
@@ -101,7 +102,7 @@ def parse_args(argv):
     given = given_options(parser, argv)
     ckpt = None
     if args.resume:
-        ckpt = checkpoints.load_checkpoint(args.resume)
+        ckpt = checkpoints.load_checkpoint(args.resume, args_parser=parser)
         for key, saved in ckpt["args"].items():
             if key not in vars(args) or (key in RESUME_OVERRIDABLE and key in given):
                 continue
@@ -147,6 +148,7 @@ def train_one_epoch(net, loader, criterion, optimizer, scheduler, meter, rt, sto
     naming its step. Raises Interrupted after the step in which a stop signal was seen."""
     net.train()
     window = []  # (step, loss on the device) since the last check
+    seen = meter.count  # images before this process's first step (a resumed epoch's)
     for step, (x, y) in enumerate(loader, start=first_step + 1):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         window.append((step, engine.train_step(net, x, y, criterion, optimizer, scheduler, rt.autocast, meter)))
@@ -157,28 +159,25 @@ def train_one_epoch(net, loader, criterion, optimizer, scheduler, meter, rt, sto
                 raise Interrupted(step, signum)
         if progress.wants(step):
             loss, acc, images = meter.local_read()
-            progress.show(step, loss, acc, (step - first_step) * loader_batch(loader))
+            progress.show(step, loss, acc, images - seen)
 
 
 def check_window(window, rt, stop, epoch, scheduler):
     """Read the window's losses (one host sync) and the stop signals (one all_reduce under DDP)."""
     losses = torch.stack([loss for _, loss in window]).tolist()
-    bad = next(((step, v) for (step, _), v in zip(window, losses) if not torch.isfinite(torch.tensor(v))), None)
+    bad = next(((step, v) for (step, _), v in zip(window, losses) if not math.isfinite(v)), None)
+    last_step = window[-1][0]
     window.clear()
     if rt.world_size > 1:  # every rank stops at the same step, for a signal or a divergence any rank saw
         flags = all_reduce_sum([float(s in stop.received) for s in stop.SIGNALS] + [float(bad is not None)], rt.device)
-        if flags[-1] and bad is None:
-            bad = (window and window[-1][0], float("nan"))
+        if flags[-1] and bad is None:  # another rank's loss: by this step at the latest
+            bad = (last_step, float("nan"))
         signum = next((s for s, n in zip(stop.SIGNALS, flags) if n), 0)
     else:
         signum = stop.received[0] if stop.received else 0
     if bad is not None:
         raise non_finite_error(epoch, bad[0], bad[1], scheduler.get_last_lr()[0])
     return signum
-
-
-def loader_batch(loader):
-    return getattr(loader, "batch_size", None) or engine.BATCH_SIZE
 
 
 def validate(net, loader, rt, stop):

@@ -18,7 +18,7 @@ in-process:
 
 Every case must succeed or raise UserError with a one-line message; any other exception fails the
 test, naming the case (its family and index rebuild it: ``case_rng``). CI runs the ``ci`` share
-(~1,300 cases, well under a minute); ``-m slow`` adds ~11,000 other cases. A few end-to-end runs
+(1,130 cases, ~25 s of CPU); ``-m slow`` adds ~11,000 other cases. A few end-to-end runs
 check the same through the real command lines (one stderr line, non-zero exit, no traceback).
 """
 import collections
@@ -54,13 +54,13 @@ SIZES = {
     "ckpt-random-bytes": (150, 1500),
     "ckpt-pickle-soup": (200, 2000),
     "ckpt-plain-objects": (100, 1000),
-    "ckpt-byte-flips": (120, 1500),
+    "ckpt-byte-flips": (100, 1500),
     "ckpt-splices": (50, 600),
     "ckpt-truncations": (50, 600),
-    "ckpt-fields": (150, 1500),
+    "ckpt-fields": (100, 1500),
     "weights-objects": (100, 600),
     "images": (250, 1500),
-    "cifar-folders": (40, 400),
+    "cifar-folders": (30, 400),
 }
 SCALES = [pytest.param(0, id="ci"), pytest.param(1, id="slow", marks=pytest.mark.slow)]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -238,7 +238,8 @@ def junk(rng):
         [], [1, 2, 3], ["a"] * 3, list(data.CLASSES)[:3], list(data.CLASSES) + ["extra"], (), (1.0,), (1, "a"),
         {}, {"a": 1}, {1: 2}, {"state": {}, "param_groups": []}, {1, 2}, complex(1, 2), deep_list(400),
         torch.tensor(1.0), torch.zeros(3), torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(5056, dtype=torch.uint8),
-        torch.zeros(0), torch.zeros(2, device="meta"), torch.zeros(3).to_sparse(), torch.zeros(2, dtype=torch.complex64),
+        torch.zeros(0), torch.zeros(2, device="meta"), torch.zeros(3).to_sparse(),
+        torch.zeros(2, dtype=torch.complex64),
         torch.zeros(1).expand(10**6), torch.tensor([True, False]), torch.tensor(7),
     ]
     return rng.choice(pool)
@@ -249,16 +250,18 @@ def tweak(rng, value):
     if torch.is_tensor(value):
         options = [lambda: value.flatten(), lambda: value[:-1] if value.dim() else value[None],
                    lambda: value.unsqueeze(0), lambda: value.to(torch.half), lambda: value.to(torch.int64),
-                   lambda: value.bool(), lambda: value.to(torch.complex64), lambda: torch.empty_like(value, device="meta"),
+                   lambda: value.bool(), lambda: value.to(torch.complex64),
+                   lambda: torch.empty_like(value, device="meta"),
                    lambda: value.transpose(0, -1) if value.dim() else value, lambda: torch.cat([value.flatten()] * 2),
                    lambda: value.to_sparse() if value.dim() else value, lambda: value.float().fill_(math.nan)]
         return rng.choice(options)()
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
-        return rng.choice([value + 1, value - 1, -value, value * 1000, 0, -1, 2**63, float(value)])
+        return rng.choice([value + 1, value - 1, -value, value * 1000, 0, -1, 2**63, float(min(value, 2**1000))])
     if isinstance(value, float):
-        return rng.choice([-value, value * 1e6, math.nan, math.inf, 0.0, int(value), str(value)])
+        return rng.choice([-value, value * 1e6, math.nan, math.inf, 0.0, int(value) if math.isfinite(value) else 0,
+                           str(value)])
     if isinstance(value, str):
         return rng.choice(["", value + "x", value.upper(), value[:1], value + "\0", value * 3])
     if isinstance(value, (list, tuple)):
@@ -392,7 +395,7 @@ def plain_object(rng, depth=0):
     if kind == "list":
         return [plain_object(rng, depth + 1) for _ in range(rng.randint(0, 4))]
     if kind == "tensor":
-        return torch.randn(*[rng.randint(0, 3) for _ in range(rng.randint(0, 3))])
+        return torch.randn([rng.randint(0, 3) for _ in range(rng.randint(0, 3))])
     return junk(rng)
 
 
@@ -489,14 +492,16 @@ def tensors(rng):
 def gen_weights_object(rng):
     """Random ResNet-50 weights files: flat state_dicts or {state_dict, meta}, with keys, values and
     metas of any kind."""
-    keys = ["conv1.weight", "fc.bias", "bn1.running_mean", "layer1.0.conv1.weight", "module.conv1.weight", "", 1, ("a",)]
+    keys = ["conv1.weight", "fc.bias", "bn1.running_mean", "layer1.0.conv1.weight", "module.conv1.weight",
+            "", 1, ("a",)]
     sd = {rng.choice(keys): tensors(rng) if rng.random() < 0.7 else junk(rng) for _ in range(rng.randint(0, 4))}
     shape = rng.choice(["flat", "wrapped", "wrapped", "junk"])
     if shape == "flat":
         return sd
     if shape == "junk":
         return plain_object(rng)
-    meta = rng.choice([None, {}, {"stride_in_1x1": junk(rng)}, {"stride_in_1x1": rng.choice([True, False, 0, 1])}, junk(rng)])
+    meta = rng.choice([None, {}, {"stride_in_1x1": junk(rng)}, {"stride_in_1x1": rng.choice([True, False, 0, 1])},
+                       junk(rng)])
     return {"state_dict": sd, "meta": meta} if rng.random() < 0.8 else {"state_dict": sd}
 
 
@@ -594,7 +599,7 @@ def test_named_checkpoint_faults_are_one_line(case, base, fake_data, tmp_path):
 
 
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "F", "LAB", "HSV"]
-FORMATS = ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO", "PCX", "SGI", "IM", "QOI"]
+FORMATS = ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO", "PCX", "SGI", "QOI"]
 
 
 def random_image(rng, width, height):
@@ -661,7 +666,8 @@ def gen_image(rng):
         header = struct.pack("<2sIHHIIiiHHIIiiII", b"BM", 0, 0, 0, 54, 40, side, other, 1, 24, 0, 0, 0, 0, 0, 0)
         return header + b"\0" * 64, "error"
     if kind == "random":
-        prefix = rng.choice([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"RIFF\0\0\0\0WEBP"])
+        prefix = rng.choice([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00",
+                             b"RIFF\0\0\0\0WEBP"])
         return prefix + random_bytes(rng), None
     size = rng.choice([1, 1, 2, 3, 7, 16, 32, 48])
     width, height = size, max(1, min(size * 16, int(size * rng.choice([1, 1, 0.5, 2, 3, 16, 1 / 16]))))
@@ -797,8 +803,11 @@ def test_cifar_folders(scale, cifar_root, tmp_path, monkeypatch):
         outcomes.run(i, "load_cifar10", lambda: data.load_cifar10(root, download=False))
         folder = os.path.join(root, "cifar-10-batches-bin")
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if os.path.isfile(os.path.join(folder, name)) and not os.path.islink(os.path.join(folder, name)):
-                outcomes.run(i, "read_bin_file", lambda: data.read_bin_file(os.path.join(folder, name), check_md5=False))
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):  # without the md5: labels over 9 are refused
+                labels = np.fromfile(path, np.uint8)[::data.BIN_RECORD]
+                expect = "error" if os.path.getsize(path) % data.BIN_RECORD == 0 and labels.max(initial=0) > 9 else None
+                outcomes.run(i, "read_bin_file", lambda: data.read_bin_file(path, check_md5=False), expect)
     outcomes.check(len(cases))
 
 
