@@ -193,8 +193,9 @@ def args_problem(args, model_name, image_size, parser=None):
     older checkpoint takes train.py's default, except those in REQUIRED_ARGS."""
     if [k for k in REQUIRED_ARGS if k not in args]:
         return "its args have no " + ", ".join(k for k in REQUIRED_ARGS if k not in args)
-    if not (count(args["seed"]) and count(args["val_split"]) and count(args.get("test_subset") or 0)):
-        return "its args' --seed, --val-split or --test-subset is not a count"
+    if not (count(args["seed"]) and count(args["val_split"]) and count(args.get("test_subset") or 0)
+            and count(args.get("image_size", image_size)) and isinstance(args["model"], str)):
+        return "its args' --seed, --val-split, --test-subset, --image-size or --model is not of its type"
     for action in parser._actions if parser else []:
         key = action.dest
         if key not in args or action.default == argparse.SUPPRESS:

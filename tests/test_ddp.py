@@ -213,3 +213,26 @@ def test_torchrun_sync_bn_on_cpu_is_refused(tmp_path, cifar_root):
     assert 'train.py", line' not in err, err  # torchrun reports the failure; no rank crashed
     assert err.count("train.py: error: --sync-bn needs CUDA") == WORLD, err  # each rank, one line
     assert "exitcode  : 2" in err  # a usage error
+
+
+@pytest.mark.slow
+def test_no_rank_reads_a_file_only_rank_0_wrote(tmp_path, cifar_root):
+    """Two nodes without a shared filesystem: rank 1's --out is a folder rank 0 never writes (the
+    driver changes it on rank 1 only). The final test needs the best weights on every rank; they
+    come from memory, not from rank 0's file."""
+    driver = tmp_path / "driver.py"
+    other = tmp_path / "rank1-sees-nothing"
+    driver.write_text(f"import os, runpy, sys\nsys.path.insert(0, {ROOT!r})\n"
+                      f"if os.environ['RANK'] == '1':\n    sys.argv[sys.argv.index('--out') + 1] = {str(other)!r}\n"
+                      f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}\n"
+                      f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(driver), *TINY, "--data-dir", cifar_root, "--out", out,
+           "--log-dir", tmp_path / "log", "--run-name", "nodes"]
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **ENV),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Test Acc : ") == 1
+    assert sorted(os.listdir(out / "nodes")) == ["Sample_ResNet.pth", "last.pth"]
+    assert not other.exists() or not any(other.rglob("*"))  # rank 1 wrote nothing and read nothing there

@@ -214,3 +214,20 @@ def test_test_accuracy_through_the_cache_is_the_full_models(model, tmp_path, cif
     # a second run of the same command: every split from the cache, nothing computed
     again = head_run(tmp_path, model, "r2")
     assert "computing the frozen backbone" not in again.stdout and again.stdout.count("from the cache") == 3
+
+
+def test_cached_head_resume_with_adamw_is_bit_identical(tmp_path, cifar_root):
+    """resnet's head trains with AdamW on cached features: stopped after epoch 1 and resumed, it
+    ends with the uninterrupted run's weights and optimizer state, bit for bit."""
+    full = head_run(tmp_path, "resnet", "full")
+    head_run(tmp_path, "resnet", "cut", "--stop-after", "1")
+    proc = run_script("train.py", "--resume", tmp_path / "ck" / "cut" / "last.pth", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = torch.load(tmp_path / "ck" / "cut" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "ck" / "full" / "last.pth", weights_only=True)
+    assert a["args"]["optimizer"] == "adamw"
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][i][k])), (i, k)
+    assert re.findall(r"Test Acc : (\S+)", proc.stdout) == re.findall(r"Test Acc : (\S+)", full.stdout)

@@ -562,10 +562,10 @@ NAMED = {
     "run_name a list": (lambda c: c.update(run_name=["f"]), ["run_name"], True),
     "args missing lr": (lambda c: c["args"].pop("lr"), ["args", "lr"], True),
     "args missing val_split": (lambda c: c["args"].pop("val_split"), ["args", "val_split"], True),
-    "args lr a string": (lambda c: c["args"].update(lr="0.1"), ["--lr", "'0.1'"], True),
-    "args epochs 0": (lambda c: c["args"].update(epochs=0), ["--epochs"], True),
+    "args lr a string": (lambda c: c["args"].update(lr="0.1"), ["--lr", "'0.1'"], False),  # only --resume uses it
+    "args epochs 0": (lambda c: c["args"].update(epochs=0), ["--epochs"], False),  # only --resume uses it
     "args seed negative": (lambda c: c["args"].update(seed=-1), ["--seed"], True),
-    "args data_path unknown": (lambda c: c["args"].update(data_path="gpu"), ["--data-path"], True),
+    "args data_path unknown": (lambda c: c["args"].update(data_path="gpu"), ["--data-path"], False),  # only --resume uses it
     "args of another model": (lambda c: c["args"].update(model="resnet"), ["--model"], True),
     "args not a dict": (lambda c: c.update(args=["--lr", "1"]), ["args"], True),
     "meter junk": (lambda c: c.update(meter={"loss": "x"}), ["meter"], True),
