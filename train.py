@@ -186,6 +186,86 @@ def validate(net, loader, rt, stop):
 
 
 # ----------------------------------------------------------------------------------------------
+# The run's phases
+
+
+def open_run(args, ckpt, rt, trainable, total):
+    """The run's folder and log: a new name, or the resumed run's. -> (run_dir, log_base, log)."""
+    if ckpt:
+        run_name, run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_name = broadcast(checkpoints.new_run_name(args.model, args.run_name, args.overwrite, args.out,
+                                                      args.log_dir, [m[1] for m in MODELS.values()])
+                             if rt.master else None)
+        run_dir = os.path.join(args.out, run_name)
+    log_base = os.path.join(args.log_dir, run_name)
+    if rt.master:
+        for folder in (run_dir, args.log_dir):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
+    log = report.setup_logging("train", log_base + ".log", rt.master)
+    log.info(f"{'resuming' if ckpt else 'run'} {run_name}: {args.model}, {trainable:,} trainable of {total:,} "
+             f"parameters, {rt.device}{f' x{rt.world_size}' if rt.world_size > 1 else ''}, image size "
+             f"{args.image_size}, batch {args.batch_size}, {args.optimizer} lr {args.lr}, {args.epochs} epochs")
+    log.info(f"checkpoints: {run_dir}/ (last.pth, {MODELS[args.model][1]}); log: {log_base}.log/.csv/.png")
+    return run_dir, log_base, log
+
+
+def make_loaders(args, model, rt, log, stop):
+    """-> (loaders, the network the training step runs, the one validation runs).
+
+    A frozen backbone without augmentation sees each image the same way in every epoch: its
+    features are computed once, cached on disk, and only the head trains (single process only)."""
+    cached = args.no_augment and rt.world_size == 1 and getattr(model, "frozen", False) and not args.no_probe
+    eval_bs = args.batch_size * engine.EVAL_BATCH_FACTOR
+    net = eval_net = model
+    if cached:
+        splits = data.get_splits(args.data_dir, args.val_split, args.train_subset, args.test_subset, args.seed,
+                                 not args.no_download)
+        loaders = features.cached_loaders(model, splits, args.cache_dir, args.image_size, args.batch_size, eval_bs,
+                                          args.seed, rt.device, rt.autocast, log, stop, args.cache_dtype)
+        net = eval_net = model.head
+        probe = not list(model.head.body.parameters())
+        log.info(f"{'linear probe' if probe else 'head'} training on cached features ({args.cache_dir})")
+    else:
+        loaders = data.get_loaders(
+            args.data_dir, args.batch_size, args.image_size, rt.device, args.workers, args.val_split,
+            args.train_subset, args.test_subset, args.seed, not args.no_download, args.data_path,
+            augment=not args.no_augment, eval_batch_size=eval_bs, rank=rt.rank, world_size=rt.world_size,
+            channels_last=True)
+        if rt.world_size > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
+    if args.compile:
+        net = torch.compile(net)
+    stop.exit_if_requested("while loading the data; nothing was written")
+    return loaders, net, eval_net
+
+
+def test_best(model, eval_net, loader, best, run_dir, best_name, rt, stop, log):
+    """The test set, once, on the best weights (this process's, or rank 0's file sent to all)."""
+    if best is None:
+        best = broadcast(checkpoints.load_checkpoint(os.path.join(run_dir, best_name)) if rt.master else None)
+    model.load_state_dict(best["state_dict"])
+    try:
+        test_loss, test_acc, _ = validate(eval_net, loader, rt, stop)
+    except engine.Stopped as e:
+        raise UserError(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoints are "
+                        f"complete: evaluate.py {run_dir}/{best_name} gives the test accuracy",
+                        exit_code=128 + e.signum) from None
+    log.info(f"best checkpoint: epoch {best['epoch']}, val acc {best['best_val_acc']:.4f}")
+    log.info(f"Test loss : {test_loss:.4f}")
+    log.info(f"Test Acc : {test_acc:.4f}")
+
+
+def stopped(log, signum, where, run_dir):
+    log.info(f"stopped by {signal.Signals(signum).name} {where}; saved {run_dir}/last.pth. "
+             f"Resume with: python train.py --resume {run_dir}/last.pth")
+    return 128 + signum
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 
 
@@ -217,53 +297,10 @@ def main(argv=None):
     if args.sync_bn and rt.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    # -- run name, log -------------------------------------------------------------------------
+    # -- run name, log, data --------------------------------------------------------------------
+    run_dir, log_base, log = open_run(args, ckpt, rt, trainable, total)
     best_name = MODELS[args.model][1]
-    if ckpt:
-        run_name, run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
-    else:
-        run_name = broadcast(checkpoints.new_run_name(args.model, args.run_name, args.overwrite, args.out,
-                                                      args.log_dir, [m[1] for m in MODELS.values()])
-                             if rt.master else None)
-        run_dir = os.path.join(args.out, run_name)
-    log_base = os.path.join(args.log_dir, run_name)
-    if rt.master:
-        for folder in (run_dir, args.log_dir):
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
-    log = report.setup_logging("train", log_base + ".log", rt.master)
-    log.info(f"{'resuming' if ckpt else 'run'} {run_name}: {args.model}, {trainable:,} trainable of {total:,} "
-             f"parameters, {rt.device}{f' x{rt.world_size}' if rt.world_size > 1 else ''}, image size "
-             f"{args.image_size}, batch {args.batch_size}, {args.optimizer} lr {args.lr}, {args.epochs} epochs")
-    log.info(f"checkpoints: {run_dir}/ (last.pth, {best_name}); log: {log_base}.log/.csv/.png")
-
-    # -- data ------------------------------------------------------------------------------------
-    # A frozen backbone without augmentation sees each image the same way in every epoch: its
-    # features are computed once, cached on disk, and only the head trains (single process only)
-    cached = args.no_augment and rt.world_size == 1 and getattr(model, "frozen", False) and not args.no_probe
-    eval_bs = args.batch_size * engine.EVAL_BATCH_FACTOR
-    net = eval_net = model  # what the training step and validation run
-    if cached:
-        splits = data.get_splits(args.data_dir, args.val_split, args.train_subset, args.test_subset, args.seed,
-                                 not args.no_download)
-        loaders = features.cached_loaders(model, splits, args.cache_dir, args.image_size, args.batch_size, eval_bs,
-                                          args.seed, rt.device, rt.autocast, log, stop, args.cache_dtype)
-        net = eval_net = model.head
-        probe = not list(model.head.body.parameters())
-        log.info(f"{'linear probe' if probe else 'head'} training on cached features ({args.cache_dir})")
-    else:
-        loaders = data.get_loaders(
-            args.data_dir, args.batch_size, args.image_size, rt.device, args.workers, args.val_split,
-            args.train_subset, args.test_subset, args.seed, not args.no_download, args.data_path,
-            augment=not args.no_augment, eval_batch_size=eval_bs, rank=rt.rank, world_size=rt.world_size,
-            channels_last=True)
-        if rt.world_size > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
-    if args.compile:
-        net = torch.compile(net)
-    stop.exit_if_requested("while loading the data; nothing was written")
+    loaders, net, eval_net = make_loaders(args, model, rt, log, stop)
 
     # -- optimisation --------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -290,7 +327,7 @@ def main(argv=None):
                 "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
                 "meter": meter.local(), "best_val_acc": best_acc, "args": vars(args),
-                "run_name": run_name, "versions": versions(), "rng_state": torch.get_rng_state(),
+                "run_name": os.path.basename(log_base), "versions": versions(), "rng_state": torch.get_rng_state(),
             }, is_best, run_dir, best_name)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -310,9 +347,7 @@ def main(argv=None):
                 steps, signum = e.args
                 save(epoch, steps, False)
                 writer.wait()
-                log.info(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {steps}; "
-                         f"saved {run_dir}/last.pth. Resume with: python train.py --resume {run_dir}/last.pth")
-                return 128 + signum
+                return stopped(log, signum, f"at epoch {epoch + 1}, step {steps}", run_dir)
             finally:
                 progress.close()
             seconds = time.time() - started
@@ -328,9 +363,7 @@ def main(argv=None):
                 except engine.Stopped as e:  # resumes at the end of this epoch's steps: validation again
                     save(epoch, len(loaders["train"]), False)
                     writer.wait()
-                    log.info(f"stopped by {signal.Signals(e.signum).name} during validation after epoch {epoch + 1}; "
-                             f"saved {run_dir}/last.pth. Resume with: python train.py --resume {run_dir}/last.pth")
-                    return 128 + e.signum
+                    return stopped(log, e.signum, f"during validation after epoch {epoch + 1}", run_dir)
                 # the first validation always writes the best checkpoint, even at 0% (tiny runs)
                 is_best = val_acc > best_acc or epoch + 1 == min(args.val_every, args.epochs)
                 best_acc = max(best_acc, val_acc)
@@ -352,18 +385,7 @@ def main(argv=None):
         writer.wait()  # an exit of any kind leaves the last checkpoint complete
 
     # -- the test set, once, on the best checkpoint ---------------------------------------------
-    if best is None:
-        best = broadcast(checkpoints.load_checkpoint(os.path.join(run_dir, best_name)) if rt.master else None)
-    model.load_state_dict(best["state_dict"])
-    try:
-        test_loss, test_acc, _ = validate(eval_net, loaders["test"], rt, stop)
-    except engine.Stopped as e:
-        raise UserError(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoints are "
-                        f"complete: evaluate.py {run_dir}/{best_name} gives the test accuracy",
-                        exit_code=128 + e.signum) from None
-    log.info(f"best checkpoint: epoch {best['epoch']}, val acc {best['best_val_acc']:.4f}")
-    log.info(f"Test loss : {test_loss:.4f}")
-    log.info(f"Test Acc : {test_acc:.4f}")
+    test_best(model, eval_net, loaders["test"], best, run_dir, best_name, rt, stop, log)
     if rt.master:
         report.plot_curves(log_base + ".csv", log_base + ".png")
     return 0

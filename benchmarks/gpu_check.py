@@ -119,7 +119,6 @@ def run_logged(cmd, log_path, timeout, env=None):
 def parity(device):
     """Max difference between the batched augmentation on ``device`` and on the CPU, same draws."""
     import numpy as np
-    import torch
     import data
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64)
