@@ -186,13 +186,7 @@ def plot(runs, path):
             ax.set_xticks(epochs)
     fig.legend(*axes[1].get_legend_handles_labels(), fontsize=8, loc="outside right upper")
     fig.suptitle("train (solid) and validation (dashed) per epoch", fontsize=10)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=80)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e}") from None
-    finally:
-        plt.close(fig)
+    report.save_figure(fig, path, dpi=80, note="")
 
 
 def main(argv=None):

@@ -12,11 +12,12 @@ import hashlib
 import os
 import sys
 import urllib.error
+import warnings
 
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from utils import UserError
@@ -198,6 +199,46 @@ class ArrayDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------------
+# A user's image files (evaluate.py --images, explain.py --images)
+
+
+MAX_ASPECT = 16  # evaluation resizes the shorter side: a 1x100000 strip would become 224 x 22 million
+
+
+def load_image(path):
+    """An image file as an RGB PIL image, or a UserError (one line) for anything PIL cannot read,
+    more pixels than PIL reads safely (Image.MAX_IMAGE_PIXELS: a decompression bomb), or a shape
+    too elongated to classify once its shorter side is resized to the network's input size."""
+    try:
+        with warnings.catch_warnings():  # PIL only warns up to twice its limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if not 0 < max(width, height) <= MAX_ASPECT * min(width, height):
+                    raise UserError(f"image {path} is {width}x{height} pixels: too elongated to classify (more "
+                                    f"than {MAX_ASPECT}:1); crop it closer to a square")
+                return img.convert("RGB")
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"image {path} has more pixels than PIL reads safely ({e})") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path} is not an image PIL can read ({first_line(e)})") from None
+    except Exception as e:
+        # PIL's decoders meet a damaged file's bytes with whatever they raise: ValueError,
+        # SyntaxError, struct.error, IndexError, ... All mean the same: not an image it can read.
+        raise UserError(f"{path} is not an image PIL can read "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+
+
+def first_line(e):
+    text = " ".join(str(e).split())
+    return text[:200] or type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------

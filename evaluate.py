@@ -9,13 +9,12 @@ From Python: ``model, info = checkpoints.load_model(path)`` (README, "Evaluate a
 import argparse
 import os
 import sys
-import warnings
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 import checkpoints
 import data
+from data import load_image  # noqa: F401 -- evaluate.load_image: the reader of --images
 import engine
 import report
 from utils import Parser, UserError, positive, run_cli, setup_runtime, tune_cpu_allocator
@@ -34,37 +33,6 @@ def parse_args(argv):
     p.add_argument("--confusion", metavar="PNG", help="default: next to the checkpoint, <name>-confusion.png")
     p.add_argument("--images", nargs="+", metavar="FILE", help="print the top-3 classes of each image file")
     return p.parse_args(argv)
-
-
-MAX_ASPECT = 16  # evaluation resizes the shorter side: a 1x100000 strip would become 224 x 22 million
-
-
-def load_image(path):
-    """An image file as an RGB PIL image, or a UserError (one line) for anything PIL cannot read,
-    more pixels than PIL reads safely (Image.MAX_IMAGE_PIXELS: a decompression bomb), or a shape
-    too elongated to classify once its shorter side is resized to the network's input size."""
-    try:
-        with warnings.catch_warnings():  # PIL only warns up to twice its limit: refuse those too
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if not 0 < max(width, height) <= MAX_ASPECT * min(width, height):
-                    raise UserError(f"image {path} is {width}x{height} pixels: too elongated to classify (more "
-                                    f"than {MAX_ASPECT}:1); crop it closer to a square")
-                return img.convert("RGB")
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"image {path} does not exist") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"image {path} has more pixels than PIL reads safely ({e})") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{path} is not an image PIL can read ({checkpoints.first_line(e)})") from None
-    except Exception as e:
-        # PIL's decoders meet a damaged file's bytes with whatever they raise: ValueError,
-        # SyntaxError, struct.error, IndexError, ... All mean the same: not an image it can read.
-        raise UserError(f"{path} is not an image PIL can read "
-                        f"({type(e).__name__}: {checkpoints.first_line(e)})") from None
 
 
 def predict(model, paths, info, rt):

@@ -14,7 +14,6 @@ to its own range (printed above it). docs/explain.md: examples, and how the maps
 import argparse
 import os
 import sys
-import warnings
 
 import numpy as np
 import torch
@@ -133,38 +132,11 @@ class AttentionRecorder:
 # The inputs
 
 
-MAX_ASPECT = 16  # evaluation resizes the shorter side: a 1x100000 strip would become 224 x 22 million
-
-
-def load_image(path):
-    """An image file as an RGB PIL image, or a one-line UserError: not readable by PIL (PIL's decoders
-    raise many kinds of errors on damaged bytes), more pixels than PIL reads safely, or too elongated
-    to resize (evaluate.py refuses the same files)."""
-    try:
-        with warnings.catch_warnings():  # PIL only warns up to twice its pixel limit: refuse those too
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if not 0 < max(width, height) <= MAX_ASPECT * min(width, height):
-                    raise UserError(f"image {path} is {width}x{height} pixels: too elongated (more than "
-                                    f"{MAX_ASPECT}:1); crop it closer to a square")
-                return img.convert("RGB")
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"image {path} does not exist") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"image {path} has more pixels than PIL reads safely ({e})") from None
-    except Exception as e:  # UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, ...
-        message = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"{path} is not an image PIL can read ({message})") from None
-
-
 def inputs(args, info):
     """[(network input (3, H, W), caption, true class index or None)], every file read first."""
     transform = info["transform"]
     if args.images:
-        return [(transform(load_image(p)), os.path.basename(p), None) for p in args.images]
+        return [(transform(data.load_image(p)), os.path.basename(p), None) for p in args.images]
     _, _, test_x, test_y = data.load_cifar10(args.data_dir, download=not args.no_download)
     picked = np.sort(np.random.default_rng(args.seed).choice(len(test_y), args.test, replace=False))
     return [(transform(Image.fromarray(test_x[i])), f"test #{i}", int(test_y[i])) for i in picked]
@@ -239,13 +211,7 @@ def plot(results, info, title, path):
             ax[2 + k].set_title(f"Mc {label}\n{len(mc) // len(results)} channels x {len(results)} images", fontsize=7)
             ax[2 + k].tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=80)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e}") from None
-    finally:
-        plt.close(fig)
+    report.save_figure(fig, path, dpi=80, note="")
 
 
 def main(argv=None):

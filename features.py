@@ -261,7 +261,8 @@ def cached_features(model, split, images, labels, kind, cache_dir, image_size, d
     else:
         log.info(f"{split}: {len(images):,} images' {kind} features from the cache {folder}")
     arr = entry.open(kind)
-    if arr is None or entry.bad_chunks(entry.read_progress(), [kind]):  # written and read back wrong
+    written = {i: c for i, c in entry.read_progress().items() if i in todo}  # the rest was checked above
+    if arr is None or entry.bad_chunks(written, [kind]):  # written and read back wrong
         raise UserError(f"feature cache {folder} cannot be read back intact; delete it and run again")
     return arr
 

@@ -15,9 +15,9 @@ CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
 # The log: the console and log/<run>.log, the same lines
 
 
-def cannot_write(path, error):
+def cannot_write(path, error, note="; the checkpoints are intact"):
     reason = getattr(error, "strerror", None) or error
-    return UserError(f"could not write {path}: {reason}; the checkpoints are intact")
+    return UserError(f"could not write {path}: {reason}{note}")
 
 
 class LogFile(logging.FileHandler):
@@ -88,11 +88,12 @@ def plot_curves(csv_path, png_path):
     save_figure(fig, png_path)
 
 
-def save_figure(fig, path, dpi=100):
+def save_figure(fig, path, dpi=100, note="; the checkpoints are intact"):
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=dpi)
     except OSError as e:
-        raise cannot_write(path, e) from None
+        raise cannot_write(path, e, note) from None
     finally:
         pyplot().close(fig)
 
