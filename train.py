@@ -117,6 +117,15 @@ def parse_args(argv):
         for key, value in engine.MODEL_DEFAULTS[args.model].items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+    if not 0 <= args.seed < 2**64:  # what torch.manual_seed and numpy's generators take
+        raise UserError(f"--seed {args.seed} is not from 0 to 2**64 - 1", exit_code=2)
+    if args.image_size > checkpoints.MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size {args.image_size} is larger than {checkpoints.MAX_IMAGE_SIZE} px "
+                        "(CIFAR-10's images are 32 px)", exit_code=2)
+    for flag, value in (("--out", args.out), ("--log-dir", args.log_dir), ("--cache-dir", args.cache_dir),
+                        ("--run-name", args.run_name)):
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} is empty", exit_code=2)
     if args.weight_decay < 0 or not 0 <= args.label_smoothing < 1:
         raise UserError("--weight-decay must be >= 0 and --label-smoothing in [0, 1)", exit_code=2)
     if args.val_split >= 50000:
