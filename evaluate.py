@@ -47,6 +47,14 @@ def predict(model, paths, info, rt):
         print(f"{path}: " + ", ".join(f"{classes[i]} {v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
 
 
+def test_loader(args, info, device):
+    """The run's own test split (its seed, validation split and test subset; --test-subset overrides)."""
+    run = info["args"]
+    return data.get_loaders(args.data_dir, args.batch_size, info["image_size"], device, val_split=run["val_split"],
+                            train_subset=None, test_subset=args.test_subset or run.get("test_subset"),
+                            seed=run["seed"], download=not args.no_download)["test"]
+
+
 def main(argv=None):
     tune_cpu_allocator()
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -59,12 +67,9 @@ def main(argv=None):
         predict(model, args.images, info, rt)
         return 0
 
-    run, classes, image_size = info["args"], info["classes"], info["image_size"]
-    test_subset = args.test_subset or run.get("test_subset")
-    loaders = data.get_loaders(args.data_dir, args.batch_size, image_size, rt.device,
-                               val_split=run["val_split"], train_subset=None, test_subset=test_subset,
-                               seed=run["seed"], download=not args.no_download)
-    loss, acc, confusion = engine.evaluate(model, loaders["test"], rt.device, rt.autocast, len(classes))
+    classes, image_size = info["classes"], info["image_size"]
+    loss, acc, confusion = engine.evaluate(model, test_loader(args, info, rt.device), rt.device, rt.autocast,
+                                           len(classes))
     print(f"{info['name']} ({args.checkpoint}), epoch {info['epoch']}, "
           f"{confusion.sum().item()} test images at {image_size} px")
     print(f"Test loss : {loss:.4f}")

@@ -252,6 +252,21 @@ def make_loaders(args, model, rt, log, stop):
     return loaders, net, eval_net
 
 
+def make_optimisation(args, model, steps_per_epoch, ckpt, fused=False):
+    """-> (optimizer, scheduler, criterion, (epoch, step, best val acc, meter sums)) over the model's
+    trainable parameters; resuming, all of it and the CPU RNG as the checkpoint left them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = engine.make_optimizer(args.optimizer, args.lr, args.weight_decay, params, fused=fused)
+    scheduler = engine.make_scheduler(optimizer, steps_per_epoch, args.epochs)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    if not ckpt:
+        return optimizer, scheduler, criterion, (0, 0, 0.0, {})
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng_state"])
+    return optimizer, scheduler, criterion, (ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"], ckpt["meter"])
+
+
 def test_best(model, eval_net, loader, best, run_dir, best_name, rt, stop, log):
     """The test set, once, on the best weights (this process's, or rank 0's file sent to all)."""
     if best is None:
@@ -312,16 +327,8 @@ def main(argv=None):
     loaders, net, eval_net = make_loaders(args, model, rt, log, stop)
 
     # -- optimisation --------------------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = engine.make_optimizer(args.optimizer, args.lr, args.weight_decay, params, fused=rt.cuda)
-    scheduler = engine.make_scheduler(optimizer, len(loaders["train"]), args.epochs)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    start_epoch, start_step, best_acc, meter_state = 0, 0, 0.0, {}
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, start_step, best_acc, meter_state = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"], ckpt["meter"]
-        torch.set_rng_state(ckpt["rng_state"])
+    optimizer, scheduler, criterion, (start_epoch, start_step, best_acc, meter_state) = make_optimisation(
+        args, model, len(loaders["train"]), ckpt, fused=rt.cuda)
     meter = engine.Meter(rt.device, **meter_state)
     writer = checkpoints.CheckpointWriter()
 

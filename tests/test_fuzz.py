@@ -22,8 +22,8 @@ test, naming the case (its family and index rebuild it: ``case_rng``). CI runs t
 check the same through the real command lines (one stderr line, non-zero exit, no traceback).
 """
 import collections
-import contextlib
 import io
+import logging
 import math
 import os
 import pickle
@@ -37,7 +37,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 import checkpoints
@@ -47,7 +46,7 @@ import evaluate
 import models
 import train
 from conftest import run_script
-from utils import UserError, setup_runtime
+from utils import StopSignals, UserError, setup_runtime
 
 # cases per family: (CI, slow). Together more than 10,000; CI's share stays well under a minute.
 SIZES = {
@@ -166,38 +165,31 @@ def fake_data(monkeypatch):
 
 
 def evaluate_like(path):
-    """evaluate.py's main with a checkpoint: load_model, then the test split from the run's args."""
+    """evaluate.py's main with a checkpoint, short of the forward pass: load_model, then the test
+    split from the run's own arguments."""
     model, info = checkpoints.load_model(path)
-    run = info["args"]
-    data.get_loaders("cifar", 256, info["image_size"], "cpu", val_split=run["val_split"], train_subset=None,
-                     test_subset=run.get("test_subset"), seed=run["seed"], download=False)
+    args = evaluate.parse_args([path, "--data-dir", "cifar", "--no-download"])
+    assert len(evaluate.test_loader(args, info, "cpu")) > 0
     assert len(info["classes"]) == 10 and callable(info["transform"])
 
 
 def resume_like_train(path):
-    """train.py --resume up to and including its first training step, as train.py's main does it
-    (on ``fake_cifar10``; DataLoader workers 0): the arguments, the network, the loaders, the
-    optimizer and schedule, the meter and the RNG state restored from the checkpoint."""
+    """train.py --resume up to and including its first training step, through train.py's own
+    functions (on ``fake_cifar10``; DataLoader workers 0): the arguments, the network, the loaders,
+    the optimizer and schedule, the meter and the RNG state restored from the checkpoint."""
     args, ckpt = train.parse_args(["--resume", path])
+    args.workers = 0
     model = checkpoints.model_from_checkpoint(ckpt, path).to(memory_format=torch.channels_last)
-    loaders = data.get_loaders(args.data_dir, args.batch_size, args.image_size, "cpu", 0, args.val_split,
-                               args.train_subset, args.test_subset, args.seed, not args.no_download, args.data_path,
-                               augment=not args.no_augment, eval_batch_size=args.batch_size * engine.EVAL_BATCH_FACTOR,
-                               channels_last=True)
-    optimizer = engine.make_optimizer(args.optimizer, args.lr, args.weight_decay,
-                                      [p for p in model.parameters() if p.requires_grad])
-    scheduler = engine.make_scheduler(optimizer, len(loaders["train"]), args.epochs)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    meter = engine.Meter("cpu", **ckpt["meter"])
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    rt = setup_runtime("cpu", distributed=False)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        torch.set_rng_state(ckpt["rng_state"])
-        if ckpt["epoch"] < args.epochs:
-            loaders["train"].set_epoch(ckpt["epoch"], ckpt["step"])
+        loaders, net, _ = train.make_loaders(args, model, rt, logging.getLogger("fuzz"), StopSignals())
+        optimizer, scheduler, criterion, (epoch, step, _, meter_state) = train.make_optimisation(
+            args, model, len(loaders["train"]), ckpt)
+        meter = engine.Meter("cpu", **meter_state)
+        if epoch < args.epochs:
+            loaders["train"].set_epoch(epoch, step)
             for x, y in loaders["train"]:
-                engine.train_step(model, x, y, criterion, optimizer, scheduler, contextlib.nullcontext(), meter)
+                engine.train_step(net, x, y, criterion, optimizer, scheduler, rt.autocast, meter)
                 break
 
 
@@ -564,6 +556,7 @@ NAMED = {
     "args missing val_split": (lambda c: c["args"].pop("val_split"), ["args", "val_split"], True),
     "args lr a string": (lambda c: c["args"].update(lr="0.1"), ["--lr", "'0.1'"], False),  # only --resume uses it
     "args epochs 0": (lambda c: c["args"].update(epochs=0), ["--epochs"], False),  # only --resume uses it
+    "args test_subset 0": (lambda c: c["args"].update(test_subset=0), ["--test-subset 0"], True),
     "args seed negative": (lambda c: c["args"].update(seed=-1), ["--seed"], True),
     "args data_path unknown": (lambda c: c["args"].update(data_path="gpu"), ["--data-path"], False),  # only --resume uses it
     "args of another model": (lambda c: c["args"].update(model="resnet"), ["--model"], True),
