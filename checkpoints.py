@@ -193,9 +193,9 @@ def args_problem(args, model_name, image_size, parser=None):
     older checkpoint takes train.py's default, except those in REQUIRED_ARGS."""
     if [k for k in REQUIRED_ARGS if k not in args]:
         return "its args have no " + ", ".join(k for k in REQUIRED_ARGS if k not in args)
-    if not (count(args["seed"]) and count(args["val_split"]) and (args.get("test_subset") is None or count(args["test_subset"]))
-            and count(args.get("image_size", image_size)) and isinstance(args["model"], str)):
-        return "its args' --seed, --val-split, --test-subset, --image-size or --model is not of its type"
+    if not (count(args["seed"]) and count(args["val_split"]) and count(args.get("image_size", image_size))
+            and isinstance(args["model"], str)):
+        return "its args' --seed, --val-split, --image-size or --model is not of its type"
     for action in parser._actions if parser else []:
         key = action.dest
         if key not in args or action.default == argparse.SUPPRESS:
@@ -216,8 +216,9 @@ def args_problem(args, model_name, image_size, parser=None):
             return f"its args' {action.option_strings[0]} {reprlib.repr(value)} is not a value train.py takes"
     if not 0 <= args["seed"] < 2**64:  # what torch.manual_seed and numpy's generators take
         return f"its args' --seed {args['seed']} is not from 0 to 2**64 - 1"
-    if args.get("test_subset") is not None and not 0 < args["test_subset"] <= 10000:  # 0 would test nothing
-        return f"its args' --test-subset {args['test_subset']} is not from 1 to 10,000"
+    test_subset = args.get("test_subset")
+    if test_subset is not None and not (count(test_subset) and 0 < test_subset <= 10000):  # 0 would test nothing
+        return f"its args' --test-subset {reprlib.repr(test_subset)} is not from 1 to 10,000"
     if args["model"] != model_name or args.get("image_size", image_size) != image_size:
         return f"its args' --model {reprlib.repr(args['model'])} or --image-size is not its record's"
     return None
