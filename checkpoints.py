@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import reprlib
+import shutil
 import threading
 import time
 import warnings
@@ -225,14 +226,77 @@ def args_problem(args, model_name, image_size, parser=None):
 
 
 def save_checkpoint(state, is_best, run_dir, best_name):
-    """last.pth always; a copy under the model's own name when it is the best so far."""
+    """last.pth always; a copy under the model's own name when it is the best so far. A write that
+    fails (full disk, I/O error, read-only folder) is one UserError naming the file, the space it
+    needed and what was free; the files saved before are untouched and no temporary file is left."""
     for name in [LAST] + ([best_name] if is_best else []):
         path = os.path.join(run_dir, name)
         try:
             atomic_save(state, path)
-        except OSError as e:
-            raise UserError(f"could not write checkpoint {path}: {e}; the checkpoints saved "
-                            f"before are intact") from None
+        except (OSError, RuntimeError) as e:  # torch's zip writer turns a failed write into a RuntimeError
+            raise UserError(f"could not write checkpoint {path} ({write_error(e)}; it needs about "
+                            f"{mb(state_bytes(state))}, {mb(free_bytes(run_dir))} free there); the checkpoints "
+                            f"saved before are intact") from None
+
+
+def write_error(e):
+    """The OS's reason for a failed write (its strerror), also when torch wrapped it."""
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e)):
+            cause = e.__cause__ or e.__context__
+            if cause is None:  # torch lost the errno: the one reason its writer reports it this way
+                return "the write failed: no space left on the device, or an I/O error"
+            e = cause
+            continue
+        return first_line(e)
+    return "unknown error"
+
+
+def state_bytes(obj):
+    """The tensors' bytes in ``obj`` (a checkpoint): about its size on disk."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def free_bytes(folder):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def mb(n):
+    return f"{n / 2**20:,.1f} MB"
+
+
+OVERHEAD = 1 << 20  # a checkpoint's non-tensor part (arguments, names, the zip directory) is < 1 MB
+
+
+def checkpoint_bytes(model, optimizer_name):
+    """About the size of this run's checkpoint before it has one: the weights and buffers, plus the
+    optimiser's state per trainable parameter (SGD: a momentum buffer; AdamW: two moments)."""
+    weights = state_bytes(model.state_dict())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + trainable * (2 if optimizer_name == "adamw" else 1) + OVERHEAD
+
+
+def check_room(run_dir, best_name, size):
+    """Refuse, before the first step, a --out whose disk cannot hold the best checkpoint, last.pth
+    and the temporary copy a save writes before its rename (files already there count as room)."""
+    there = sum(os.path.getsize(p) for p in (os.path.join(run_dir, LAST), os.path.join(run_dir, best_name))
+                if os.path.isfile(p))
+    needed, free = 3 * size - there, free_bytes(run_dir)
+    if free < needed:
+        raise UserError(f"{run_dir} has {mb(free)} free; this run's checkpoints need about {mb(needed)} "
+                        f"(the best, last.pth and a temporary copy, {mb(size)} each): free some space "
+                        f"or pass another --out")
 
 
 def model_from_checkpoint(ckpt, path, resuming=True):
@@ -369,6 +433,11 @@ class CheckpointWriter:
             save_checkpoint(*args)
         except BaseException as e:  # re-raised in the training thread by wait()
             self.error = e
+
+    def raise_if_failed(self):
+        """Re-raise a finished write's error now (the training loop asks between steps)."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
 
     def wait(self):
         if self.thread is not None:

@@ -6,6 +6,7 @@ predictions, images, the confusion matrix) in device tensors; the host reads the
 number is shown or checked (``Meter.read``, the end of ``evaluate``), so a GPU is never stalled
 between steps by a ``.item()``.
 """
+import contextlib
 import math
 
 import torch
@@ -84,18 +85,39 @@ class Meter:
         return loss / max(count, 1), correct / max(count, 1), int(count)
 
 
-def train_step(net, x, y, criterion, optimizer, scheduler, autocast, meter):
-    """One optimisation step. It issues no host synchronisation: the loss and the predictions go
-    into ``meter`` on the device, and their finiteness is checked where the meter is read."""
-    with autocast:
-        logits = net(x)
-        loss = criterion(logits.float(), y)
+def train_step(net, x, y, criterion, optimizer, scheduler, autocast, meter, micro_batch=None):
+    """One optimisation step on the batch (x, y). It issues no host synchronisation: the loss and
+    the predictions go into ``meter`` on the device, and their finiteness is checked where the
+    meter is read. -> the batch's mean loss (a device tensor).
+
+    ``micro_batch``: the batch goes through the network in chunks of that many images whose
+    gradients add up before the one optimiser step (gradient accumulation): the same global batch
+    and learning rate in less memory, and on a CPU often faster (smaller working set). BatchNorm
+    then normalises over each chunk, as it would over each GPU's share under DDP."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if not micro_batch or micro_batch >= len(y):
+        with autocast:
+            logits = net(x)
+            loss = criterion(logits.float(), y)
+        loss.backward()
+        meter.update(loss, logits, y)
+        total = loss.detach()
+    else:
+        chunks = list(zip(x.split(micro_batch), y.split(micro_batch)))
+        total = 0
+        for i, (xc, yc) in enumerate(chunks):
+            # under DDP the gradients are all-reduced once, with the last chunk's backward
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+                with autocast:
+                    logits = net(xc)
+                    loss = criterion(logits.float(), yc)
+                (loss * (len(yc) / len(y))).backward()
+            meter.update(loss, logits, yc)
+            total = total + loss.detach() * (len(yc) / len(y))
     optimizer.step()
     scheduler.step()
-    meter.update(loss, logits, y)
-    return loss.detach()
+    return total
 
 
 def parameters_finite(module):

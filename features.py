@@ -57,6 +57,14 @@ def sha256_of_tensors(tensors):
     return digest.hexdigest()
 
 
+def autocast_dtype(autocast):
+    """The dtype the backbone computes in under ``autocast`` (a torch.autocast, or a null context:
+    float32): part of the key, so float32 and bfloat16 features never mix."""
+    if isinstance(autocast, torch.autocast) and autocast._enabled:
+        return autocast.fast_dtype
+    return torch.float32
+
+
 def cache_key(model, images, labels, image_size, compute_dtype, map_dtype=MAP_DTYPE):
     """The fields an entry is keyed by (plain types), and its 16-hex-digit digest."""
     fields = {
@@ -228,7 +236,7 @@ def cached_features(model, split, images, labels, kind, cache_dir, image_size, d
     """The features ``kind`` ('pooled' or 'maps') of these images: from the cache when it holds
     them intact, else computed (missing or damaged chunks only) and written there first.
     Returns a read-only numpy array (memory-mapped for maps)."""
-    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute_dtype = autocast_dtype(autocast)
     fields, key = cache_key(model, images, labels, image_size, compute_dtype, map_dtype)
     with torch.inference_mode():
         probe = torch.zeros(1, 3, image_size, image_size, device=device)

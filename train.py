@@ -26,12 +26,12 @@ import engine
 import features
 import report
 from models import MODELS, build_model, count_parameters
-from utils import (Parser, StopSignals, UserError, all_reduce_sum, broadcast, non_negative_int, positive, run_cli,
-                   setup_runtime, tune_cpu_allocator, versions)
+from utils import (PRECISIONS, Parser, StopSignals, UserError, all_reduce_sum, broadcast, non_negative,
+                   non_negative_int, positive, run_cli, setup_runtime, tune_cpu_allocator, versions)
 
 # Options that may differ between a run and its --resume; every other one is restored as saved.
 RESUME_OVERRIDABLE = {"resume", "device", "workers", "compile", "stop_after", "dry_run", "data_dir", "no_download",
-                      "cache_dir"}
+                      "cache_dir", "precision", "micro_batch", "checkpoint_every"}
 # Steps between reads of the device-side loss (is it finite?) and, under torchrun, between the
 # collective polls of the stop signals: a ^C takes effect within this many steps.
 CHECK_EVERY = 8
@@ -72,6 +72,15 @@ def build_parser():
     p.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
                    help="DataLoader workers of the pil path (default: the usable CPUs)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bfloat16 autocast on CUDA, float32 on a CPU (bit-reproducible); bf16 on a CPU "
+                        "pays only with AMX (Intel Xeon 4th gen+: ~2x for ResNet-50), elsewhere it is slower")
+    p.add_argument("--micro-batch", type=positive(int), metavar="N",
+                   help="run each batch through the network in chunks of N images and add their gradients "
+                        "(same global batch and lr, less memory; BatchNorm then normalises over N images)")
+    p.add_argument("--checkpoint-every", type=non_negative(float), default=15.0, metavar="MINUTES",
+                   help="also save last.pth mid-epoch every MINUTES of wall clock (0: only at epoch ends and "
+                        "stops); a kill -9 loses at most that much training")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
@@ -151,47 +160,108 @@ def non_finite_error(epoch, step, value, lr):
                      f"high?); stopped, the last good checkpoint is kept")
 
 
-def train_one_epoch(net, loader, criterion, optimizer, scheduler, meter, rt, stop, epoch, first_step, progress):
+def train_one_epoch(net, loader, criterion, optimizer, scheduler, meter, rt, stop, epoch, first_step, progress,
+                    saver, micro_batch=None):
     """One pass over the training batches. The step never waits for the device; every CHECK_EVERY
     steps (and at the end) the window's losses are read once: a non-finite one stops the run,
-    naming its step. Raises Interrupted after the step in which a stop signal was seen."""
+    naming its step, and a periodic checkpoint is written when one is due. Raises Interrupted
+    after the step in which a stop signal was seen."""
     net.train()
     window = []  # (step, loss on the device) since the last check
     seen = meter.count  # images before this process's first step (a resumed epoch's)
     for step, (x, y) in enumerate(loader, start=first_step + 1):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        window.append((step, engine.train_step(net, x, y, criterion, optimizer, scheduler, rt.autocast, meter)))
+        window.append((step, engine.train_step(net, x, y, criterion, optimizer, scheduler, rt.autocast, meter,
+                                               micro_batch)))
         check = step % CHECK_EVERY == 0 or step == len(loader)
         if check or (rt.world_size == 1 and stop.received):
-            signum = check_window(window, rt, stop, epoch, scheduler)
+            signum, save_due = check_window(window, rt, stop, epoch, scheduler, saver.due())
             if signum:
                 raise Interrupted(step, signum)
+            if save_due and step < len(loader):  # the epoch's end saves anyway
+                saver.save(epoch, step, meter)
         if progress.wants(step):
             loss, acc, images = meter.local_read()
             progress.show(step, loss, acc, images - seen)
 
 
-def check_window(window, rt, stop, epoch, scheduler):
-    """Read the window's losses (one host sync) and the stop signals (one all_reduce under DDP)."""
+def check_window(window, rt, stop, epoch, scheduler, save_due=False):
+    """Read the window's losses (one host sync) and the stop signals (one all_reduce under DDP).
+    -> (stop signal or 0, whether to save now: rank 0's clock decides for every rank)."""
     losses = torch.stack([loss for _, loss in window]).tolist()
     bad = next(((step, v) for (step, _), v in zip(window, losses) if not math.isfinite(v)), None)
     last_step = window[-1][0]
     window.clear()
     if rt.world_size > 1:  # every rank stops at the same step, for a signal or a divergence any rank saw
-        flags = all_reduce_sum([float(s in stop.received) for s in stop.SIGNALS] + [float(bad is not None)], rt.device)
-        if flags[-1] and bad is None:  # another rank's loss: by this step at the latest
+        flags = all_reduce_sum([float(s in stop.received) for s in stop.SIGNALS]
+                               + [float(bad is not None), float(rt.master and save_due)], rt.device)
+        if flags[-2] and bad is None:  # another rank's loss: by this step at the latest
             bad = (last_step, float("nan"))
-        signum = next((s for s, n in zip(stop.SIGNALS, flags) if n), 0)
+        signum, save_due = next((s for s, n in zip(stop.SIGNALS, flags) if n), 0), bool(flags[-1])
     else:
         signum = stop.received[0] if stop.received else 0
     if bad is not None:
         raise non_finite_error(epoch, bad[0], bad[1], scheduler.get_last_lr()[0])
-    return signum
+    return signum, save_due
 
 
 def validate(net, loader, rt, stop):
     """Loss, accuracy and confusion matrix over ``loader``; raises engine.Stopped on a stop signal."""
     return engine.evaluate(net, loader, rt.device, rt.autocast, stop=stop)
+
+
+class Checkpointer:
+    """The checkpoint policy, in one place. last.pth is written at every epoch's end, at a stop,
+    and mid-epoch every --checkpoint-every minutes; the best checkpoint (by validation accuracy)
+    beside it. Never a non-finite state. Rank 0 writes, in the background; every rank keeps the
+    best weights in memory for the final test. ``save`` re-raises a failed earlier write."""
+
+    def __init__(self, model, model_cfg, optimizer, scheduler, args, rt, run_dir, run_name, best_acc):
+        self.model, self.model_cfg, self.optimizer, self.scheduler = model, model_cfg, optimizer, scheduler
+        self.args, self.rt, self.run_dir, self.run_name = args, rt, run_dir, run_name
+        self.best_name = MODELS[args.model][1]
+        self.best_acc, self.best = best_acc, None  # best: the weights chosen by this process, if any
+        self.every_s, self.last_save = args.checkpoint_every * 60, time.monotonic()
+        self.writer = checkpoints.CheckpointWriter()
+
+    def due(self):
+        self.writer.raise_if_failed()  # a failed write stops the run now, not at the next save
+        return self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
+
+    def choose(self, epoch, val_acc):
+        """Whether the weights after ``epoch`` (1-based) are the best so far. The first validation
+        always is, even at 0% (tiny runs): a run always has a best checkpoint."""
+        is_best = val_acc > self.best_acc or epoch == min(self.args.val_every, self.args.epochs)
+        self.best_acc = max(self.best_acc, val_acc)
+        if is_best:  # kept for the test by every rank: none reads a file only rank 0 wrote
+            self.best = {"state_dict": checkpoints.to_host(self.model.state_dict()), "epoch": epoch,
+                         "best_val_acc": self.best_acc}
+        return is_best
+
+    def save(self, epoch, step, meter, is_best=False):
+        """last.pth (and the best when ``is_best``): at ``step`` of epoch ``epoch`` (0-based), or at
+        the end of epoch ``epoch`` (1-based) when ``step`` is 0."""
+        if not engine.parameters_finite(self.model):
+            raise UserError(f"the weights became non-finite in epoch {epoch if step == 0 else epoch + 1}, by step "
+                            f"{step or 'its last'}; stopped, the last good checkpoint is kept")
+        if self.rt.master:
+            self.writer.save({
+                "model": self.model_cfg, "image_size": self.args.image_size, "classes": list(data.CLASSES),
+                "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": step,
+                "meter": meter.local(), "best_val_acc": self.best_acc, "args": vars(self.args),
+                "run_name": self.run_name, "versions": versions(), "rng_state": torch.get_rng_state(),
+            }, is_best, self.run_dir, self.best_name)
+        self.last_save = time.monotonic()
+
+    def check_room(self):
+        """Before the first step: room on --out's disk for the best, last.pth and a temporary copy."""
+        if self.rt.master:
+            checkpoints.check_room(self.run_dir, self.best_name,
+                                   checkpoints.checkpoint_bytes(self.model, self.args.optimizer))
+
+    def wait(self):
+        self.writer.wait()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,9 +285,11 @@ def open_run(args, ckpt, rt, trainable, total):
             except OSError as e:
                 raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
     log = report.setup_logging("train", log_base + ".log", rt.master)
+    micro = f" in chunks of {args.micro_batch}" if args.micro_batch and args.micro_batch < args.batch_size else ""
     log.info(f"{'resuming' if ckpt else 'run'} {run_name}: {args.model}, {trainable:,} trainable of {total:,} "
-             f"parameters, {rt.device}{f' x{rt.world_size}' if rt.world_size > 1 else ''}, image size "
-             f"{args.image_size}, batch {args.batch_size}, {args.optimizer} lr {args.lr}, {args.epochs} epochs")
+             f"parameters, {rt.device}{f' x{rt.world_size}' if rt.world_size > 1 else ''} {rt.precision}, image "
+             f"size {args.image_size}, batch {args.batch_size}{micro}, {args.optimizer} lr {args.lr}, "
+             f"{args.epochs} epochs")
     log.info(f"checkpoints: {run_dir}/ (last.pth, {MODELS[args.model][1]}); log: {log_base}.log/.csv/.png")
     return run_dir, log_base, log
 
@@ -267,6 +339,58 @@ def make_optimisation(args, model, steps_per_epoch, ckpt, fused=False):
     return optimizer, scheduler, criterion, (ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"], ckpt["meter"])
 
 
+def fit(net, eval_net, loaders, criterion, optimizer, scheduler, saver, start, args, rt, stop, log, log_base):
+    """The epoch loop: train, validate every --val-every epochs, checkpoint. ``start``: (epoch,
+    step, meter sums) to continue from. -> None when every epoch is done (the test comes next), or
+    the exit code of a run that stopped early (a signal, --stop-after)."""
+    start_epoch, start_step, meter_state = start
+    meter = engine.Meter(rt.device, **meter_state)
+    stop_at = min(args.epochs, start_epoch + args.stop_after if args.stop_after else args.epochs)
+    for epoch in range(start_epoch, stop_at):
+        log.info(f"epoch: {epoch + 1}")
+        first_step = start_step if epoch == start_epoch else 0
+        loaders["train"].set_epoch(epoch, first_step)
+        progress = report.EpochProgress(len(loaders["train"]), epoch, args.epochs, first_step, rt.master)
+        started = time.time()
+        try:
+            train_one_epoch(net, loaders["train"], criterion, optimizer, scheduler, meter, rt, stop, epoch,
+                            first_step, progress, saver, args.micro_batch)
+        except Interrupted as e:
+            steps, signum = e.args
+            saver.save(epoch, steps, meter)
+            saver.wait()
+            return stopped(log, signum, f"at epoch {epoch + 1}, step {steps}", saver.run_dir)
+        finally:
+            progress.close()
+        seconds = time.time() - started
+        train_loss, train_acc, images = meter.read()
+        log.info(f"Train loss : {train_loss:.4f}    Train Acc : {train_acc:.4f}")
+        row = {"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
+               "val_loss": "", "val_acc": "", "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
+               "seconds": f"{seconds:.1f}", "images_per_s": f"{images / seconds:.1f}"}
+        is_best = False
+        if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+            try:
+                val_loss, val_acc, _ = validate(eval_net, loaders["val"], rt, stop)
+            except engine.Stopped as e:  # resumes at the end of this epoch's steps: validation again
+                saver.save(epoch, len(loaders["train"]), meter)
+                saver.wait()
+                return stopped(log, e.signum, f"during validation after epoch {epoch + 1}", saver.run_dir)
+            is_best = saver.choose(epoch + 1, val_acc)
+            log.info(f"Val loss : {val_loss:.4f}    Val Acc : {val_acc:.4f}")
+            log.info(f"best accuracy is {saver.best_acc:.4f}")
+            row.update(val_loss=f"{val_loss:.5f}", val_acc=f"{val_acc:.5f}")
+        if rt.master:
+            report.append_csv(log_base + ".csv", row)
+        meter = engine.Meter(rt.device)  # the next epoch's sums; empty in a checkpoint at its step 0
+        saver.save(epoch + 1, 0, meter, is_best)
+    if stop_at < args.epochs:
+        log.info(f"stopped after {args.stop_after} epoch(s) (--stop-after); resume with: "
+                 f"python train.py --resume {saver.run_dir}/last.pth")
+        return 0
+    return None
+
+
 def test_best(model, eval_net, loader, best, run_dir, best_name, rt, stop, log):
     """The test set, once, on the best weights (this process's, or rank 0's file sent to all)."""
     if best is None:
@@ -298,7 +422,7 @@ def main(argv=None):
     args, ckpt = parse_args(sys.argv[1:] if argv is None else argv)
 
     # -- device, processes, precision --------------------------------------------------------
-    rt = setup_runtime(args.device)
+    rt = setup_runtime(args.device, precision=args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {rt.world_size} processes", exit_code=2)
     if args.sync_bn and rt.world_size > 1 and not rt.cuda:  # it would fail at the first step, mid-run
@@ -321,87 +445,24 @@ def main(argv=None):
     if args.sync_bn and rt.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    # -- run name, log, data --------------------------------------------------------------------
+    # -- run name, log, data, optimisation -------------------------------------------------------
     run_dir, log_base, log = open_run(args, ckpt, rt, trainable, total)
-    best_name = MODELS[args.model][1]
     loaders, net, eval_net = make_loaders(args, model, rt, log, stop)
-
-    # -- optimisation --------------------------------------------------------------------------
-    optimizer, scheduler, criterion, (start_epoch, start_step, best_acc, meter_state) = make_optimisation(
+    optimizer, scheduler, criterion, (epoch, step, best_acc, meter_state) = make_optimisation(
         args, model, len(loaders["train"]), ckpt, fused=rt.cuda)
-    meter = engine.Meter(rt.device, **meter_state)
-    writer = checkpoints.CheckpointWriter()
+    saver = Checkpointer(model, model_cfg, optimizer, scheduler, args, rt, run_dir, os.path.basename(log_base),
+                         best_acc)
+    saver.check_room()
 
-    def save(epoch, step, is_best):
-        """Checkpoint the run (rank 0), never a non-finite state."""
-        if not engine.parameters_finite(model):
-            raise UserError(f"the weights became non-finite in epoch {epoch if step == 0 else epoch + 1}, by step "
-                            f"{step or len(loaders['train'])}; stopped, the last good checkpoint is kept")
-        if rt.master:
-            writer.save({
-                "model": model_cfg, "image_size": args.image_size, "classes": list(data.CLASSES),
-                "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                "meter": meter.local(), "best_val_acc": best_acc, "args": vars(args),
-                "run_name": os.path.basename(log_base), "versions": versions(), "rng_state": torch.get_rng_state(),
-            }, is_best, run_dir, best_name)
-
-    # -- the loop ------------------------------------------------------------------------------
-    best = None  # the best weights chosen by this process (a resumed run may have chosen them before)
-    stop_at = min(args.epochs, start_epoch + args.stop_after if args.stop_after else args.epochs)
+    # -- the epochs, then the test set, once, on the best checkpoint -----------------------------
     try:
-        for epoch in range(start_epoch, stop_at):
-            log.info(f"epoch: {epoch + 1}")
-            first_step = start_step if epoch == start_epoch else 0
-            loaders["train"].set_epoch(epoch, first_step)
-            progress = report.EpochProgress(len(loaders["train"]), epoch, args.epochs, first_step, rt.master)
-            started = time.time()
-            try:
-                train_one_epoch(net, loaders["train"], criterion, optimizer, scheduler, meter, rt, stop, epoch,
-                                first_step, progress)
-            except Interrupted as e:
-                steps, signum = e.args
-                save(epoch, steps, False)
-                writer.wait()
-                return stopped(log, signum, f"at epoch {epoch + 1}, step {steps}", run_dir)
-            finally:
-                progress.close()
-            seconds = time.time() - started
-            train_loss, train_acc, images = meter.read()
-            log.info(f"Train loss : {train_loss:.4f}    Train Acc : {train_acc:.4f}")
-            row = {"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
-                   "val_loss": "", "val_acc": "", "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
-                   "seconds": f"{seconds:.1f}", "images_per_s": f"{images / seconds:.1f}"}
-            is_best = False
-            if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
-                try:
-                    val_loss, val_acc, _ = validate(eval_net, loaders["val"], rt, stop)
-                except engine.Stopped as e:  # resumes at the end of this epoch's steps: validation again
-                    save(epoch, len(loaders["train"]), False)
-                    writer.wait()
-                    return stopped(log, e.signum, f"during validation after epoch {epoch + 1}", run_dir)
-                # the first validation always writes the best checkpoint, even at 0% (tiny runs)
-                is_best = val_acc > best_acc or epoch + 1 == min(args.val_every, args.epochs)
-                best_acc = max(best_acc, val_acc)
-                if is_best:  # kept for the test by every rank: none reads a file only rank 0 wrote
-                    best = {"state_dict": checkpoints.to_host(model.state_dict()), "epoch": epoch + 1,
-                            "best_val_acc": best_acc}
-                log.info(f"Val loss : {val_loss:.4f}    Val Acc : {val_acc:.4f}")
-                log.info(f"best accuracy is {best_acc:.4f}")
-                row.update(val_loss=f"{val_loss:.5f}", val_acc=f"{val_acc:.5f}")
-            if rt.master:
-                report.append_csv(log_base + ".csv", row)
-            meter = engine.Meter(rt.device)  # the next epoch's sums; empty in a checkpoint at its step 0
-            save(epoch + 1, 0, is_best)
-        if stop_at < args.epochs:
-            log.info(f"stopped after {args.stop_after} epoch(s) (--stop-after); resume with: "
-                     f"python train.py --resume {run_dir}/last.pth")
-            return 0
+        code = fit(net, eval_net, loaders, criterion, optimizer, scheduler, saver, (epoch, step, meter_state),
+                   args, rt, stop, log, log_base)
     finally:
-        writer.wait()  # an exit of any kind leaves the last checkpoint complete
-
-    # -- the test set, once, on the best checkpoint ---------------------------------------------
-    test_best(model, eval_net, loaders["test"], best, run_dir, best_name, rt, stop, log)
+        saver.wait()  # an exit of any kind leaves the last checkpoint complete
+    if code is not None:
+        return code
+    test_best(model, eval_net, loaders["test"], saver.best, run_dir, saver.best_name, rt, stop, log)
     if rt.master:
         report.plot_curves(log_base + ".csv", log_base + ".png")
     return 0

@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
+from utils import cpu_has_amx  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Settings. The data rows always use the seed's 224 px (that is where PIL is slow). On two CPU cores
@@ -307,6 +308,7 @@ def machine_info():
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     cuda = torch.cuda.is_available()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "isa": torch.backends.cpu.get_cpu_capability() + (" + AMX" if cpu_has_amx() else ""),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "gpu": torch.cuda.get_device_name() if cuda else None,
             "cuda": torch.version.cuda if cuda else None,
@@ -317,7 +319,8 @@ def machine_info():
 
 def machine_line(m):
     gpu = f", {m['gpu']}" if m["gpu"] else ""
-    return f"{m['cpu']} ({m['cores']} cores){gpu}, torch {m['torch']}"
+    isa = f", {m['isa']}" if m.get("isa") else ""
+    return f"{m['cpu']} ({m['cores']} cores{isa}){gpu}, torch {m['torch']}"
 
 
 def verdict(ratio, target):

@@ -79,7 +79,7 @@ def test_reproduce_reads_runs_into_a_five_row_table(tmp_path):
         rows.append({"model": model, "settings": reproduce.PRESETS["cpu"][model], "returncode": 0,
                      "wall_s": 60.0, "seed_test_acc": reproduce.SEED_TEST_ACC[model], **figures})
     assert figures == {"epochs_done": 2, "train_acc": 0.2, "best_val_acc": 0.51, "test_acc": 0.5,
-                       "train_img_s": 150.0, "trainable_params": 20490, "total_params": 23528522}
+                       "train_img_s": 150.0, "train_s": 20.0, "trainable_params": 20490, "total_params": 23528522}
     meta = {"preset": "cpu", "command": "python benchmarks/reproduce.py --preset cpu", "weights": "w.pth",
             "machine": {"cpu": "CPU X", "cores": 2, "gpu": None, "torch": "2"}, "date": "today", "train_pool": 50000}
     table = reproduce.markdown(rows, meta)
@@ -105,8 +105,12 @@ def test_reproduce_seeds_give_mean_and_std(tmp_path):
 
 def test_reproduce_presets_cover_the_five_models():
     import reproduce
-    for preset in ("full", "cpu", "tiny"):
+    for preset in ("full", "cpu", "tiny", "seed-cpu"):
         assert list(reproduce.PRESETS[preset]) == MODELS
+    seed_cpu = reproduce.PRESETS["seed-cpu"]  # the seed's scale: 224 px, all training images, the full test set
+    assert all(o["image_size"] == 224 and not {"train_subset", "test_subset", "val_split"} & o.keys()
+               for o in seed_cpu.values())
+    assert seed_cpu["sample_resnet"]["epochs"] == 10 and seed_cpu["resnet_scratch"]["epochs"] == 2
     assert all(o == {"image_size": 224, "epochs": 10, "val_every": 5} for o in reproduce.PRESETS["full"].values())
 
 
@@ -114,7 +118,7 @@ def test_reproduce_tiny_one_model(tmp_path, cifar_root):
     r = run_script("benchmarks/reproduce.py", "--tiny", "--models", "sample_resnet", "--data-dir", cifar_root,
                    "--out", tmp_path, "--log-dir", tmp_path / "log", "--checkpoints", tmp_path / "ck", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    (md,) = [p for p in os.listdir(tmp_path) if p.startswith("tiny-") and p.endswith(".md")]
+    (md,) = [p for p in os.listdir(tmp_path) if p.startswith("tiny") and p.endswith(".md")]
     result = json.loads((tmp_path / md.replace(".md", ".json")).read_text())
     (row,) = result["rows"]
     assert row["model"] == "sample_resnet" and row["epochs_done"] == 1 and 0 <= row["test_acc"] <= 1
