@@ -1,5 +1,7 @@
-"""The checkpoint format, in one place: what a checkpoint holds, how it is written (atomically), how
-any file a user hands us is loaded (safely), and how a network is rebuilt from a checkpoint alone.
+"""The checkpoint format, in one place: what a checkpoint holds, how it is written (atomically, with
+a one-line error and the old files intact when the disk is full), how a file a user hands us is
+checked field by field (read through torchfile.safe_load), and how a network is rebuilt from a
+checkpoint alone.
 
     model, info = load_model("checkpoints/<run>/ResNet_att.pth")   # eval mode, on the CPU
     x = info["transform"](PIL.Image.open("cat.png").convert("RGB"))
@@ -20,19 +22,19 @@ import contextlib
 import copy
 import glob
 import os
-import pickle
-import re
 import reprlib
 import shutil
 import threading
 import time
 import warnings
-import zipfile
 
 import torch
 
 import data
-from utils import UserError
+import engine
+from models import MODELS, build_model
+from torchfile import plain_tensor, safe_load
+from utils import UserError, broadcast, first_line, versions
 
 KEYS = ("model", "state_dict", "args", "image_size", "classes", "epoch", "step", "optimizer",
         "scheduler", "meter", "best_val_acc", "rng_state", "run_name")
@@ -73,44 +75,6 @@ def atomic_save(obj, path):
         os.close(dir_fd)
 
 
-def safe_load(path, what="checkpoint"):
-    """torch.load with weights_only=True; every failure becomes a one-line UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # about the file's content (a raw pickle's protocol, sparse
-            warnings.simplefilter("ignore")  # tensors, ...), which the callers check themselves
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        blocked = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
-        if not blocked:  # an opcode torch.save never writes: a text file, a raw pickle, garbage
-            raise UserError(f"{what} {path} is not a PyTorch file (torch.load cannot read it)") from None
-        raise UserError(f"{what} {path} was refused by torch.load(weights_only=True): it holds more than "
-                        f"tensors and plain types ({blocked.group(1)}), so it is not loaded") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{what} {path} is truncated or not a PyTorch file ({first_line(e)})") from None
-    except Exception as e:
-        # torch's weights-only unpickler runs whatever opcodes the file holds against its stack and
-        # memo without checking them first: a text file ("hi" reads as BINGET 105), random bytes or
-        # a damaged torch.save file raise KeyError, IndexError, struct.error, TypeError,
-        # AssertionError, MemoryError, ... Any of them means the file is not a loadable PyTorch file.
-        raise UserError(f"{what} {path} is damaged or not a PyTorch file (torch.load: "
-                        f"{type(e).__name__}: {first_line(e)})") from None
-
-
-def first_line(e):
-    """An exception's message on one line (its first), or its type's name when it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def plain_tensor(value):
-    """A dense, real-valued CPU tensor: what a state_dict holds (``map_location="cpu"`` moves CUDA
-    tensors; meta, sparse, quantized and complex tensors cannot be copied into a network's weights)."""
-    return (torch.is_tensor(value) and value.layout == torch.strided and value.device.type == "cpu"
-            and not value.is_quantized and not value.is_complex())
-
-
 # ----------------------------------------------------------------------------------------------
 # The format
 
@@ -134,7 +98,6 @@ MAX_IMAGE_SIZE = 4096  # CIFAR-10's 32 px images resized 128x: beyond it, a corr
 def record_problem(ckpt, args_parser=None):
     """Why ``ckpt`` is not a checkpoint train.py could have written, or None. Values are quoted
     through reprlib: short, and safe from a list nested a thousand deep."""
-    from models import MODELS  # models imports this module (safe_load) for weights files
     if not isinstance(ckpt, dict):
         return f"a {type(ckpt).__name__}, not a dict"
     if [k for k in KEYS if k not in ckpt]:
@@ -225,6 +188,22 @@ def args_problem(args, model_name, image_size, parser=None):
     return None
 
 
+def restore_args(args, ckpt, given, overridable):
+    """train.py --resume: the run's own arguments from ``ckpt`` into ``args``, except the options in
+    ``overridable`` that were ``given`` on the command line; any other option given with another
+    value than the run's is refused (a run cannot change model or schedule halfway)."""
+    for key, saved in ckpt["args"].items():
+        if key not in vars(args) or (key in overridable and key in given):
+            continue
+        if key in given and getattr(args, key) != saved:
+            what = "model" if key == "model" else "option"
+            raise UserError(f"--resume {args.resume} is a {ckpt['args']['model']} run; its {what} "
+                            f"--{key.replace('_', '-')} was {saved!r}, cannot change it to "
+                            f"{getattr(args, key)!r}", exit_code=2)
+        if key not in ("resume", "stop_after", "dry_run"):
+            setattr(args, key, saved)
+
+
 def save_checkpoint(state, is_best, run_dir, best_name):
     """last.pth always; a copy under the model's own name when it is the best so far. A write that
     fails (full disk, I/O error, read-only folder) is one UserError naming the file, the space it
@@ -303,7 +282,6 @@ def model_from_checkpoint(ckpt, path, resuming=True):
     """Rebuild the checkpoint's network from its own record, without flags or weights files.
 
     ``resuming`` (train.py --resume) also checks that the optimizer and scheduler state restores."""
-    from models import build_model  # models imports this module (safe_load) for weights files
     cfg = ckpt["model"]
     model, _ = build_model(cfg["name"], weights="none", num_classes=cfg["num_classes"],
                            stride_in_1x1=cfg["stride_in_1x1"])
@@ -322,7 +300,6 @@ def check_resumable(ckpt, model, path):
     copies: torch.optim checks little when it loads a state (a group of other parameters, a
     momentum buffer of another shape, a learning rate that is a string all fail only later, at
     some step). Whatever goes wrong here would go wrong in training: a one-line UserError."""
-    import engine
     args = ckpt["args"]
     params = [p.detach().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
     try:
@@ -366,7 +343,81 @@ def load_model(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
+# A run's checkpoints: the policy
+
+
+class Checkpointer:
+    """The checkpoint policy, in one place. last.pth is written at every epoch's end, at a stop,
+    and mid-epoch every --checkpoint-every minutes; the best checkpoint (by validation accuracy)
+    beside it. Never a non-finite state. Rank 0 writes, in the background; every rank keeps the
+    best weights in memory for the final test. ``save`` re-raises a failed earlier write."""
+
+    def __init__(self, model, model_cfg, optimizer, scheduler, args, rt, run_dir, run_name, best_acc):
+        self.model, self.model_cfg, self.optimizer, self.scheduler = model, model_cfg, optimizer, scheduler
+        self.args, self.rt, self.run_dir, self.run_name = args, rt, run_dir, run_name
+        self.best_name = MODELS[args.model][1]
+        self.best_acc, self.best = best_acc, None  # best: the weights chosen by this process, if any
+        self.every_s, self.last_save = args.checkpoint_every * 60, time.monotonic()
+        self.writer = CheckpointWriter()
+
+    def due(self):
+        self.writer.raise_if_failed()  # a failed write stops the run now, not at the next save
+        return self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
+
+    def choose(self, epoch, val_acc):
+        """Whether the weights after ``epoch`` (1-based) are the best so far. The first validation
+        always is, even at 0% (tiny runs): a run always has a best checkpoint."""
+        is_best = val_acc > self.best_acc or epoch == min(self.args.val_every, self.args.epochs)
+        self.best_acc = max(self.best_acc, val_acc)
+        if is_best:  # kept for the test by every rank: none reads a file only rank 0 wrote
+            self.best = {"state_dict": to_host(self.model.state_dict()), "epoch": epoch,
+                         "best_val_acc": self.best_acc}
+        return is_best
+
+    def save(self, epoch, step, meter, is_best=False):
+        """last.pth (and the best when ``is_best``): at ``step`` of epoch ``epoch`` (0-based), or at
+        the end of epoch ``epoch`` (1-based) when ``step`` is 0."""
+        if not engine.parameters_finite(self.model):
+            raise UserError(f"the weights became non-finite in epoch {epoch if step == 0 else epoch + 1}, by step "
+                            f"{step or 'its last'}; stopped, the last good checkpoint is kept")
+        if self.rt.master:
+            self.writer.save({
+                "model": self.model_cfg, "image_size": self.args.image_size, "classes": list(data.CLASSES),
+                "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": step,
+                "meter": meter.local(), "best_val_acc": self.best_acc, "args": vars(self.args),
+                "run_name": self.run_name, "versions": versions(), "rng_state": torch.get_rng_state(),
+            }, is_best, self.run_dir, self.best_name)
+        self.last_save = time.monotonic()
+
+    def check_room(self):
+        """Before the first step: room on --out's disk for the best, last.pth and a temporary copy."""
+        if self.rt.master:
+            check_room(self.run_dir, self.best_name,
+                                   checkpoint_bytes(self.model, self.args.optimizer))
+
+    def wait(self):
+        self.writer.wait()
+
+
+# ----------------------------------------------------------------------------------------------
 # A run's folder
+
+
+def run_folder(args, ckpt, master):
+    """-> (run name, its checkpoint folder): the resumed run's, or a new one claimed by rank 0 and
+    sent to every rank."""
+    if ckpt:
+        return ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
+    name = broadcast(new_run_name(args.model, args.run_name, args.overwrite, args.out, args.log_dir,
+                                  [m[1] for m in MODELS.values()]) if master else None)
+    run_dir = os.path.join(args.out, name)
+    if master:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {run_dir}: {e.strerror or e}") from None
+    return name, run_dir
 
 
 def new_run_name(model, run_name, overwrite, out, log_dir, best_names):

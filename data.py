@@ -20,7 +20,7 @@ import torchvision.transforms as T
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from utils import UserError
+from utils import UserError, first_line
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: the pretrained backbones expect them
@@ -236,9 +236,6 @@ def load_image(path):
                         f"({type(e).__name__}: {first_line(e)})") from None
 
 
-def first_line(e):
-    text = " ".join(str(e).split())
-    return text[:200] or type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------

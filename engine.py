@@ -51,6 +51,24 @@ def make_scheduler(optimizer, steps_per_epoch, epochs):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_optimisation(args, model, steps_per_epoch, ckpt, fused=False):
+    """-> (optimizer, scheduler, criterion, (epoch, step, best val acc, meter sums)) over the model's
+    trainable parameters, from train.py's ``args``; resuming, all of it and the CPU RNG as the
+    checkpoint ``ckpt`` left them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(args.optimizer, args.lr, args.weight_decay, params, fused=fused)
+    scheduler = make_scheduler(optimizer, steps_per_epoch, args.epochs)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    if not ckpt:
+        return optimizer, scheduler, criterion, (0, 0, 0.0, {})
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the saved flag is the saving machine's: a CPU run resumed on
+        group["fused"] = True if fused else None  # CUDA gets the fused kernels, and the other way round
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng_state"])
+    return optimizer, scheduler, criterion, (ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"], ckpt["meter"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 

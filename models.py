@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision
 
 from attention_model import ResAttention
-from checkpoints import plain_tensor, safe_load
+from torchfile import plain_tensor, safe_load
 from utils import UserError
 
 # --model name -> (module that builds it, file name of its best checkpoint, as the seed's)

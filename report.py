@@ -1,12 +1,17 @@
 """What the user reads and looks at: the run's log lines (the seed's format), its CSV, the loss and
-accuracy curves, the confusion matrix, and progress bars for every long phase."""
+accuracy curves, the confusion matrix, live curves in TensorBoard, progress bars for every long
+phase, and the machine a figure was measured on."""
+import contextlib
 import csv
 import logging
 import os
+import platform
 import sys
 import time
 
-from utils import UserError
+import torch
+
+from utils import UserError, cpu_has_amx
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 
@@ -44,6 +49,22 @@ def setup_logging(name, log_file, master):
     for handler in (logging.StreamHandler(sys.stdout), file_handler):
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
+    return log
+
+
+def open_run_log(args, rt, run_dir, log_base, resuming, params, best_name):
+    """The run's log (the console and <log-dir>/<run>.log), opened with a line of its settings."""
+    if rt.master:
+        try:
+            os.makedirs(args.log_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {args.log_dir}: {e.strerror or e}") from None
+    log = setup_logging("train", log_base + ".log", rt.master)
+    chunks = f" in chunks of {args.micro_batch}" if args.micro_batch and args.micro_batch < args.batch_size else ""
+    log.info(f"{'resuming' if resuming else 'run'} {os.path.basename(log_base)}: {args.model}, {params} parameters, "
+             f"{rt.device}{f' x{rt.world_size}' if rt.world_size > 1 else ''} {rt.precision}, image size "
+             f"{args.image_size}, batch {args.batch_size}{chunks}, {args.optimizer} lr {args.lr}, {args.epochs} epochs")
+    log.info(f"checkpoints: {run_dir}/ (last.pth, {best_name}); log: {log_base}.log/.csv/.png")
     return log
 
 
@@ -98,7 +119,7 @@ def save_figure(fig, path, dpi=100, note="; the checkpoints are intact"):
         pyplot().close(fig)
 
 
-def plot_confusion(confusion, classes, path):
+def confusion_figure(confusion, classes):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(confusion, cmap="Blues")
@@ -111,7 +132,59 @@ def plot_confusion(confusion, classes, path):
                     color="white" if confusion[i, j] > confusion.max() / 2 else "black")
     fig.colorbar(im)
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
+
+
+def plot_confusion(confusion, classes, path):
+    save_figure(confusion_figure(confusion, classes), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard: live curves (--tensorboard)
+
+TENSORBOARD_PIN = "tensorboard==2.21.0"  # requirements.txt's
+
+
+class TensorBoard:
+    """Event files under ``folder`` for ``tensorboard --logdir``; every method is a no-op when not
+    ``enabled`` (the flag not given, or a rank > 0). Every point is at the run's global step
+    (epoch * steps per epoch + step), so a resumed run continues the same curves: ``purge_step``
+    (the step it resumes after, + 1) hides what a killed process logged past its last checkpoint,
+    so the curves have no overlap either."""
+
+    def __init__(self, folder, enabled, purge_step=None):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(f"--tensorboard needs the tensorboard package: pip install {TENSORBOARD_PIN}",
+                            exit_code=2) from None
+        try:
+            self.writer = SummaryWriter(folder, purge_step=purge_step or None)
+        except OSError as e:
+            raise cannot_write(folder, e) from None
+
+    def scalars(self, step, prefix, **values):
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def confusion(self, step, confusion, classes):
+        if self.writer:
+            self.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, classes), step)
+
+    def hparams(self, hparams, metrics):
+        """The run's hyperparameters beside its results, for TensorBoard's HParams view."""
+        if self.writer:
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self.writer.add_hparams(plain, metrics, run_name=".")  # in this run's folder, not a new one
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+            self.writer = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,3 +267,30 @@ class EpochProgress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine a figure was measured on
+
+
+def machine_info():
+    """CPU (model name, cores, instruction set), GPU, versions: what every measured figure names."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    cuda = torch.cuda.is_available()
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "isa": torch.backends.cpu.get_cpu_capability() + (" + AMX" if cpu_has_amx() else ""),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "gpu": torch.cuda.get_device_name() if cuda else None,
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "torch": str(torch.__version__), "python": platform.python_version(),
+            "host": platform.node()}
+
+
+def machine_line(m):
+    gpu = f", {m['gpu']}" if m["gpu"] else ""
+    isa = f", {m['isa']}" if m.get("isa") else ""
+    return f"{m['cpu']} ({m['cores']} cores{isa}){gpu}, torch {m['torch']}"

@@ -9,6 +9,10 @@
 Each run has its own name, <model>-<timestamp>: its log, CSV and curves go to log/<run>.*, its
 checkpoints to <out>/<run>/ (last.pth and the best one, named after the model's file, e.g.
 ResNet_att.pth). The test set is used once, at the end, on the best checkpoint.
+
+Shape (pytorch/examples' imagenet): main() sets up the device, model, run folder, data and
+optimiser; fit() runs the epochs (train_one_epoch, validate, the checkpoint policy of
+checkpoints.Checkpointer); test_best() tests once.
 """
 import argparse
 import math
@@ -16,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -27,11 +32,11 @@ import features
 import report
 from models import MODELS, build_model, count_parameters
 from utils import (PRECISIONS, Parser, StopSignals, UserError, all_reduce_sum, broadcast, non_negative,
-                   non_negative_int, positive, run_cli, setup_runtime, tune_cpu_allocator, versions)
+                   non_negative_int, positive, run_cli, setup_runtime, teardown_distributed, tune_cpu_allocator)
 
 # Options that may differ between a run and its --resume; every other one is restored as saved.
 RESUME_OVERRIDABLE = {"resume", "device", "workers", "compile", "stop_after", "dry_run", "data_dir", "no_download",
-                      "cache_dir", "precision", "micro_batch", "checkpoint_every"}
+                      "cache_dir", "precision", "micro_batch", "checkpoint_every", "tensorboard"}
 # Steps between reads of the device-side loss (is it finite?) and, under torchrun, between the
 # collective polls of the stop signals: a ^C takes effect within this many steps.
 CHECK_EVERY = 8
@@ -82,6 +87,9 @@ def build_parser():
                    help="also save last.pth mid-epoch every MINUTES of wall clock (0: only at epoch ends and "
                         "stops); a kill -9 loses at most that much training")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="live curves: TensorBoard event files in <log-dir>/tensorboard/<run>/ "
+                        "(view: tensorboard --logdir log/tensorboard)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="checkpoints", help="checkpoints go to OUT/<run>/")
@@ -108,101 +116,112 @@ def parse_args(argv):
     checkpoint; one that may not change and was given with another value is refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = given_options(parser, argv)
     ckpt = None
     if args.resume:
         ckpt = checkpoints.load_checkpoint(args.resume, args_parser=parser)
-        for key, saved in ckpt["args"].items():
-            if key not in vars(args) or (key in RESUME_OVERRIDABLE and key in given):
-                continue
-            if key in given and getattr(args, key) != saved:
-                what = "model" if key == "model" else "option"
-                raise UserError(f"--resume {args.resume} is a {ckpt['args']['model']} run; its {what} "
-                                f"--{key.replace('_', '-')} was {saved!r}, cannot change it to "
-                                f"{getattr(args, key)!r}", exit_code=2)
-            if key not in ("resume", "stop_after", "dry_run"):
-                setattr(args, key, saved)
+        checkpoints.restore_args(args, ckpt, given_options(parser, argv), RESUME_OVERRIDABLE)
     else:
         for key, value in engine.MODEL_DEFAULTS[args.model].items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
-    if not 0 <= args.seed < 2**64:  # what torch.manual_seed and numpy's generators take
-        raise UserError(f"--seed {args.seed} is not from 0 to 2**64 - 1", exit_code=2)
-    if args.image_size > checkpoints.MAX_IMAGE_SIZE:
-        raise UserError(f"--image-size {args.image_size} is larger than {checkpoints.MAX_IMAGE_SIZE} px "
-                        "(CIFAR-10's images are 32 px)", exit_code=2)
-    for flag, value in (("--out", args.out), ("--log-dir", args.log_dir), ("--cache-dir", args.cache_dir),
-                        ("--run-name", args.run_name)):
-        if value is not None and not value.strip():
-            raise UserError(f"{flag} is empty", exit_code=2)
-    if args.weight_decay < 0 or not 0 <= args.label_smoothing < 1:
-        raise UserError("--weight-decay must be >= 0 and --label-smoothing in [0, 1)", exit_code=2)
-    if args.val_split >= 50000:
-        raise UserError(f"--val-split {args.val_split} leaves no training images (CIFAR-10 has 50,000)", exit_code=2)
-    if args.train_subset and args.train_subset > 50000 - args.val_split:
-        raise UserError(f"--train-subset {args.train_subset} is larger than the {50000 - args.val_split} "
-                        f"training images left after --val-split {args.val_split}", exit_code=2)
-    if args.test_subset and args.test_subset > 10000:
-        raise UserError(f"--test-subset {args.test_subset} is larger than the 10,000 test images", exit_code=2)
+    check_args(args)
     return args, ckpt
+
+
+def check_args(args):
+    """What the parser's types cannot check alone: one line each, exit code 2."""
+    empty = [f for f, v in (("--out", args.out), ("--log-dir", args.log_dir), ("--cache-dir", args.cache_dir),
+                            ("--run-name", args.run_name)) if v is not None and not v.strip()]
+    pool = 50000 - args.val_split
+    problems = [
+        (not 0 <= args.seed < 2**64, f"--seed {args.seed} is not from 0 to 2**64 - 1"),  # torch's and numpy's range
+        (args.image_size > checkpoints.MAX_IMAGE_SIZE, f"--image-size {args.image_size} is larger than "
+                                                        f"{checkpoints.MAX_IMAGE_SIZE} px (CIFAR-10's images are 32 px)"),
+        (empty, f"{', '.join(empty)} is empty"),
+        (args.weight_decay < 0 or not 0 <= args.label_smoothing < 1,
+         "--weight-decay must be >= 0 and --label-smoothing in [0, 1)"),
+        (pool <= 0, f"--val-split {args.val_split} leaves no training images (CIFAR-10 has 50,000)"),
+        (pool > 0 and (args.train_subset or 0) > pool, f"--train-subset {args.train_subset} is larger than the "
+                                                       f"{pool} training images left after --val-split {args.val_split}"),
+        ((args.test_subset or 0) > 10000, f"--test-subset {args.test_subset} is larger than the 10,000 test images"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message, exit_code=2)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training and validation
 
 
+@dataclass
+class Loop:
+    """What every epoch of the run uses, built once by main()."""
+    net: nn.Module  # what the training step runs (DDP-wrapped, compiled, or the cached-feature head)
+    eval_net: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    saver: checkpoints.Checkpointer
+    tb: report.TensorBoard
+    rt: object  # utils.Runtime
+    stop: StopSignals
+    log: object
+    micro_batch: int = None
+
+
 class Interrupted(Exception):
     """A stop signal arrived: (steps done in this epoch, signal number)."""
 
 
-def non_finite_error(epoch, step, value, lr):
-    return UserError(f"loss became {value} at epoch {epoch + 1}, step {step} (learning rate {lr:.3g} too "
-                     f"high?); stopped, the last good checkpoint is kept")
-
-
-def train_one_epoch(net, loader, criterion, optimizer, scheduler, meter, rt, stop, epoch, first_step, progress,
-                    saver, micro_batch=None):
+def train_one_epoch(loop, loader, meter, epoch, first_step, progress):
     """One pass over the training batches. The step never waits for the device; every CHECK_EVERY
     steps (and at the end) the window's losses are read once: a non-finite one stops the run,
-    naming its step, and a periodic checkpoint is written when one is due. Raises Interrupted
-    after the step in which a stop signal was seen."""
-    net.train()
-    window = []  # (step, loss on the device) since the last check
-    seen = meter.count  # images before this process's first step (a resumed epoch's)
+    naming its step; TensorBoard gets its points; a periodic checkpoint is written when one is
+    due. Raises Interrupted after the step in which a stop signal was seen."""
+    loop.net.train()
+    window, seen, clock = [], meter.count, (time.time(), meter.count)  # seen: a resumed epoch's images
     for step, (x, y) in enumerate(loader, start=first_step + 1):
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        window.append((step, engine.train_step(net, x, y, criterion, optimizer, scheduler, rt.autocast, meter,
-                                               micro_batch)))
-        check = step % CHECK_EVERY == 0 or step == len(loader)
-        if check or (rt.world_size == 1 and stop.received):
-            signum, save_due = check_window(window, rt, stop, epoch, scheduler, saver.due())
+        x, y = x.to(loop.rt.device, non_blocking=True), y.to(loop.rt.device, non_blocking=True)
+        window.append((step, engine.train_step(loop.net, x, y, loop.criterion, loop.optimizer, loop.scheduler,
+                                               loop.rt.autocast, meter, loop.micro_batch)))
+        if step % CHECK_EVERY == 0 or step == len(loader) or (loop.rt.world_size == 1 and loop.stop.received):
+            signum, save_due, loss, acc = check_window(window, meter, loop, epoch)
+            loop.tb.scalars(epoch * len(loader) + step, "train", loss=loss, acc=acc,
+                            lr=loop.scheduler.get_last_lr()[0], images_per_s=(meter.count - clock[1]) /
+                            max(time.time() - clock[0], 1e-9))
+            clock = (time.time(), meter.count)
             if signum:
                 raise Interrupted(step, signum)
             if save_due and step < len(loader):  # the epoch's end saves anyway
-                saver.save(epoch, step, meter)
+                loop.saver.save(epoch, step, meter)
         if progress.wants(step):
             loss, acc, images = meter.local_read()
             progress.show(step, loss, acc, images - seen)
 
 
-def check_window(window, rt, stop, epoch, scheduler, save_due=False):
-    """Read the window's losses (one host sync) and the stop signals (one all_reduce under DDP).
-    -> (stop signal or 0, whether to save now: rank 0's clock decides for every rank)."""
-    losses = torch.stack([loss for _, loss in window]).tolist()
+def check_window(window, meter, loop, epoch):
+    """Read the window's losses and the epoch's running sums (one host sync), and the stop signals
+    (one all_reduce under DDP). -> (stop signal or 0, save now? (rank 0's clock decides for every
+    rank), the window's mean loss, the epoch's accuracy so far)."""
+    rt, stop = loop.rt, loop.stop
+    values = torch.cat([torch.stack([loss for _, loss in window]).double(), meter.sums]).tolist()
+    losses, correct = values[:len(window)], values[-1]
     bad = next(((step, v) for (step, _), v in zip(window, losses) if not math.isfinite(v)), None)
     last_step = window[-1][0]
     window.clear()
+    save_due = loop.saver.due()
+    signum = stop.received[0] if stop.received else 0
     if rt.world_size > 1:  # every rank stops at the same step, for a signal or a divergence any rank saw
         flags = all_reduce_sum([float(s in stop.received) for s in stop.SIGNALS]
                                + [float(bad is not None), float(rt.master and save_due)], rt.device)
         if flags[-2] and bad is None:  # another rank's loss: by this step at the latest
             bad = (last_step, float("nan"))
         signum, save_due = next((s for s, n in zip(stop.SIGNALS, flags) if n), 0), bool(flags[-1])
-    else:
-        signum = stop.received[0] if stop.received else 0
     if bad is not None:
-        raise non_finite_error(epoch, bad[0], bad[1], scheduler.get_last_lr()[0])
-    return signum, save_due
+        raise UserError(f"loss became {bad[1]} at epoch {epoch + 1}, step {bad[0]} (learning rate "
+                        f"{loop.scheduler.get_last_lr()[0]:.3g} too high?); stopped, the last good checkpoint is kept")
+    return signum, save_due, sum(losses) / len(losses), correct / max(meter.count, 1)
 
 
 def validate(net, loader, rt, stop):
@@ -210,88 +229,8 @@ def validate(net, loader, rt, stop):
     return engine.evaluate(net, loader, rt.device, rt.autocast, stop=stop)
 
 
-class Checkpointer:
-    """The checkpoint policy, in one place. last.pth is written at every epoch's end, at a stop,
-    and mid-epoch every --checkpoint-every minutes; the best checkpoint (by validation accuracy)
-    beside it. Never a non-finite state. Rank 0 writes, in the background; every rank keeps the
-    best weights in memory for the final test. ``save`` re-raises a failed earlier write."""
-
-    def __init__(self, model, model_cfg, optimizer, scheduler, args, rt, run_dir, run_name, best_acc):
-        self.model, self.model_cfg, self.optimizer, self.scheduler = model, model_cfg, optimizer, scheduler
-        self.args, self.rt, self.run_dir, self.run_name = args, rt, run_dir, run_name
-        self.best_name = MODELS[args.model][1]
-        self.best_acc, self.best = best_acc, None  # best: the weights chosen by this process, if any
-        self.every_s, self.last_save = args.checkpoint_every * 60, time.monotonic()
-        self.writer = checkpoints.CheckpointWriter()
-
-    def due(self):
-        self.writer.raise_if_failed()  # a failed write stops the run now, not at the next save
-        return self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
-
-    def choose(self, epoch, val_acc):
-        """Whether the weights after ``epoch`` (1-based) are the best so far. The first validation
-        always is, even at 0% (tiny runs): a run always has a best checkpoint."""
-        is_best = val_acc > self.best_acc or epoch == min(self.args.val_every, self.args.epochs)
-        self.best_acc = max(self.best_acc, val_acc)
-        if is_best:  # kept for the test by every rank: none reads a file only rank 0 wrote
-            self.best = {"state_dict": checkpoints.to_host(self.model.state_dict()), "epoch": epoch,
-                         "best_val_acc": self.best_acc}
-        return is_best
-
-    def save(self, epoch, step, meter, is_best=False):
-        """last.pth (and the best when ``is_best``): at ``step`` of epoch ``epoch`` (0-based), or at
-        the end of epoch ``epoch`` (1-based) when ``step`` is 0."""
-        if not engine.parameters_finite(self.model):
-            raise UserError(f"the weights became non-finite in epoch {epoch if step == 0 else epoch + 1}, by step "
-                            f"{step or 'its last'}; stopped, the last good checkpoint is kept")
-        if self.rt.master:
-            self.writer.save({
-                "model": self.model_cfg, "image_size": self.args.image_size, "classes": list(data.CLASSES),
-                "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": step,
-                "meter": meter.local(), "best_val_acc": self.best_acc, "args": vars(self.args),
-                "run_name": self.run_name, "versions": versions(), "rng_state": torch.get_rng_state(),
-            }, is_best, self.run_dir, self.best_name)
-        self.last_save = time.monotonic()
-
-    def check_room(self):
-        """Before the first step: room on --out's disk for the best, last.pth and a temporary copy."""
-        if self.rt.master:
-            checkpoints.check_room(self.run_dir, self.best_name,
-                                   checkpoints.checkpoint_bytes(self.model, self.args.optimizer))
-
-    def wait(self):
-        self.writer.wait()
-
-
 # ----------------------------------------------------------------------------------------------
 # The run's phases
-
-
-def open_run(args, ckpt, rt, trainable, total):
-    """The run's folder and log: a new name, or the resumed run's. -> (run_dir, log_base, log)."""
-    if ckpt:
-        run_name, run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
-    else:
-        run_name = broadcast(checkpoints.new_run_name(args.model, args.run_name, args.overwrite, args.out,
-                                                      args.log_dir, [m[1] for m in MODELS.values()])
-                             if rt.master else None)
-        run_dir = os.path.join(args.out, run_name)
-    log_base = os.path.join(args.log_dir, run_name)
-    if rt.master:
-        for folder in (run_dir, args.log_dir):
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"cannot create {folder}: {e.strerror or e}") from None
-    log = report.setup_logging("train", log_base + ".log", rt.master)
-    micro = f" in chunks of {args.micro_batch}" if args.micro_batch and args.micro_batch < args.batch_size else ""
-    log.info(f"{'resuming' if ckpt else 'run'} {run_name}: {args.model}, {trainable:,} trainable of {total:,} "
-             f"parameters, {rt.device}{f' x{rt.world_size}' if rt.world_size > 1 else ''} {rt.precision}, image "
-             f"size {args.image_size}, batch {args.batch_size}{micro}, {args.optimizer} lr {args.lr}, "
-             f"{args.epochs} epochs")
-    log.info(f"checkpoints: {run_dir}/ (last.pth, {MODELS[args.model][1]}); log: {log_base}.log/.csv/.png")
-    return run_dir, log_base, log
 
 
 def make_loaders(args, model, rt, log, stop):
@@ -324,87 +263,75 @@ def make_loaders(args, model, rt, log, stop):
     return loaders, net, eval_net
 
 
-def make_optimisation(args, model, steps_per_epoch, ckpt, fused=False):
-    """-> (optimizer, scheduler, criterion, (epoch, step, best val acc, meter sums)) over the model's
-    trainable parameters; resuming, all of it and the CPU RNG as the checkpoint left them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = engine.make_optimizer(args.optimizer, args.lr, args.weight_decay, params, fused=fused)
-    scheduler = engine.make_scheduler(optimizer, steps_per_epoch, args.epochs)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    if not ckpt:
-        return optimizer, scheduler, criterion, (0, 0, 0.0, {})
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng_state"])
-    return optimizer, scheduler, criterion, (ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"], ckpt["meter"])
-
-
-def fit(net, eval_net, loaders, criterion, optimizer, scheduler, saver, start, args, rt, stop, log, log_base):
+def fit(loop, loaders, start, args, log_base):
     """The epoch loop: train, validate every --val-every epochs, checkpoint. ``start``: (epoch,
     step, meter sums) to continue from. -> None when every epoch is done (the test comes next), or
     the exit code of a run that stopped early (a signal, --stop-after)."""
-    start_epoch, start_step, meter_state = start
-    meter = engine.Meter(rt.device, **meter_state)
+    (start_epoch, start_step, meter_state), rt, saver = start, loop.rt, loop.saver
+    meter, steps = engine.Meter(rt.device, **meter_state), len(loaders["train"])
     stop_at = min(args.epochs, start_epoch + args.stop_after if args.stop_after else args.epochs)
     for epoch in range(start_epoch, stop_at):
-        log.info(f"epoch: {epoch + 1}")
+        loop.log.info(f"epoch: {epoch + 1}")
         first_step = start_step if epoch == start_epoch else 0
         loaders["train"].set_epoch(epoch, first_step)
-        progress = report.EpochProgress(len(loaders["train"]), epoch, args.epochs, first_step, rt.master)
+        progress = report.EpochProgress(steps, epoch, args.epochs, first_step, rt.master)
         started = time.time()
         try:
-            train_one_epoch(net, loaders["train"], criterion, optimizer, scheduler, meter, rt, stop, epoch,
-                            first_step, progress, saver, args.micro_batch)
+            train_one_epoch(loop, loaders["train"], meter, epoch, first_step, progress)
         except Interrupted as e:
-            steps, signum = e.args
-            saver.save(epoch, steps, meter)
+            saver.save(epoch, e.args[0], meter)
             saver.wait()
-            return stopped(log, signum, f"at epoch {epoch + 1}, step {steps}", saver.run_dir)
+            return stopped(loop.log, e.args[1], f"at epoch {epoch + 1}, step {e.args[0]}", saver.run_dir)
         finally:
             progress.close()
         seconds = time.time() - started
         train_loss, train_acc, images = meter.read()
-        log.info(f"Train loss : {train_loss:.4f}    Train Acc : {train_acc:.4f}")
+        loop.log.info(f"Train loss : {train_loss:.4f}    Train Acc : {train_acc:.4f}")
         row = {"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
-               "val_loss": "", "val_acc": "", "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
+               "val_loss": "", "val_acc": "", "lr": f"{loop.optimizer.param_groups[0]['lr']:.6g}",
                "seconds": f"{seconds:.1f}", "images_per_s": f"{images / seconds:.1f}"}
+        loop.tb.scalars((epoch + 1) * steps, "epoch", train_loss=train_loss, train_acc=train_acc)
         is_best = False
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
             try:
-                val_loss, val_acc, _ = validate(eval_net, loaders["val"], rt, stop)
+                val_loss, val_acc, _ = validate(loop.eval_net, loaders["val"], rt, loop.stop)
             except engine.Stopped as e:  # resumes at the end of this epoch's steps: validation again
-                saver.save(epoch, len(loaders["train"]), meter)
+                saver.save(epoch, steps, meter)
                 saver.wait()
-                return stopped(log, e.signum, f"during validation after epoch {epoch + 1}", saver.run_dir)
+                return stopped(loop.log, e.signum, f"during validation after epoch {epoch + 1}", saver.run_dir)
             is_best = saver.choose(epoch + 1, val_acc)
-            log.info(f"Val loss : {val_loss:.4f}    Val Acc : {val_acc:.4f}")
-            log.info(f"best accuracy is {saver.best_acc:.4f}")
+            loop.log.info(f"Val loss : {val_loss:.4f}    Val Acc : {val_acc:.4f}")
+            loop.log.info(f"best accuracy is {saver.best_acc:.4f}")
             row.update(val_loss=f"{val_loss:.5f}", val_acc=f"{val_acc:.5f}")
+            loop.tb.scalars((epoch + 1) * steps, "epoch", val_loss=val_loss, val_acc=val_acc)
         if rt.master:
             report.append_csv(log_base + ".csv", row)
         meter = engine.Meter(rt.device)  # the next epoch's sums; empty in a checkpoint at its step 0
         saver.save(epoch + 1, 0, meter, is_best)
     if stop_at < args.epochs:
-        log.info(f"stopped after {args.stop_after} epoch(s) (--stop-after); resume with: "
-                 f"python train.py --resume {saver.run_dir}/last.pth")
+        loop.log.info(f"stopped after {args.stop_after} epoch(s) (--stop-after); resume with: "
+                      f"python train.py --resume {saver.run_dir}/last.pth")
         return 0
     return None
 
 
-def test_best(model, eval_net, loader, best, run_dir, best_name, rt, stop, log):
-    """The test set, once, on the best weights (this process's, or rank 0's file sent to all)."""
+def test_best(model, loop, loader, run_dir):
+    """The test set, once, on the best weights (this process's, or rank 0's file sent to all).
+    -> (loss, accuracy, confusion matrix)."""
+    best, name = loop.saver.best, loop.saver.best_name
     if best is None:
-        best = broadcast(checkpoints.load_checkpoint(os.path.join(run_dir, best_name)) if rt.master else None)
+        best = broadcast(checkpoints.load_checkpoint(os.path.join(run_dir, name)) if loop.rt.master else None)
     model.load_state_dict(best["state_dict"])
     try:
-        test_loss, test_acc, _ = validate(eval_net, loader, rt, stop)
+        test_loss, test_acc, confusion = validate(loop.eval_net, loader, loop.rt, loop.stop)
     except engine.Stopped as e:
         raise UserError(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoints are "
-                        f"complete: evaluate.py {run_dir}/{best_name} gives the test accuracy",
+                        f"complete: evaluate.py {run_dir}/{name} gives the test accuracy",
                         exit_code=128 + e.signum) from None
-    log.info(f"best checkpoint: epoch {best['epoch']}, val acc {best['best_val_acc']:.4f}")
-    log.info(f"Test loss : {test_loss:.4f}")
-    log.info(f"Test Acc : {test_acc:.4f}")
+    loop.log.info(f"best checkpoint: epoch {best['epoch']}, val acc {best['best_val_acc']:.4f}")
+    loop.log.info(f"Test loss : {test_loss:.4f}")
+    loop.log.info(f"Test Acc : {test_acc:.4f}")
+    return test_loss, test_acc, confusion
 
 
 def stopped(log, signum, where, run_dir):
@@ -423,6 +350,13 @@ def main(argv=None):
 
     # -- device, processes, precision --------------------------------------------------------
     rt = setup_runtime(args.device, precision=args.precision)
+    try:
+        return run(args, ckpt, rt)
+    finally:
+        teardown_distributed()
+
+
+def run(args, ckpt, rt):
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {rt.world_size} processes", exit_code=2)
     if args.sync_bn and rt.world_size > 1 and not rt.cuda:  # it would fail at the first step, mid-run
@@ -445,24 +379,34 @@ def main(argv=None):
     if args.sync_bn and rt.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    # -- run name, log, data, optimisation -------------------------------------------------------
-    run_dir, log_base, log = open_run(args, ckpt, rt, trainable, total)
+    # -- run folder, log, data, optimisation, checkpoints ------------------------------------------
+    run_name, run_dir = checkpoints.run_folder(args, ckpt, rt.master)
+    log_base = os.path.join(args.log_dir, run_name)
+    log = report.open_run_log(args, rt, run_dir, log_base, resuming=bool(ckpt),
+                              params=f"{trainable:,} trainable of {total:,}", best_name=MODELS[args.model][1])
     loaders, net, eval_net = make_loaders(args, model, rt, log, stop)
-    optimizer, scheduler, criterion, (epoch, step, best_acc, meter_state) = make_optimisation(
+    optimizer, scheduler, criterion, (epoch, step, best_acc, meter_state) = engine.make_optimisation(
         args, model, len(loaders["train"]), ckpt, fused=rt.cuda)
-    saver = Checkpointer(model, model_cfg, optimizer, scheduler, args, rt, run_dir, os.path.basename(log_base),
-                         best_acc)
+    saver = checkpoints.Checkpointer(model, model_cfg, optimizer, scheduler, args, rt, run_dir, run_name, best_acc)
     saver.check_room()
+    tb = report.TensorBoard(os.path.join(args.log_dir, "tensorboard", run_name), args.tensorboard and rt.master,
+                            purge_step=epoch * len(loaders["train"]) + step + 1 if ckpt else None)
+    loop = Loop(net, eval_net, criterion, optimizer, scheduler, saver, tb, rt, stop, log, args.micro_batch)
 
     # -- the epochs, then the test set, once, on the best checkpoint -----------------------------
     try:
-        code = fit(net, eval_net, loaders, criterion, optimizer, scheduler, saver, (epoch, step, meter_state),
-                   args, rt, stop, log, log_base)
+        code = fit(loop, loaders, (epoch, step, meter_state), args, log_base)
+        if code is not None:
+            return code
+        test_loss, test_acc, confusion = test_best(model, loop, loaders["test"], run_dir)
+        last_step = args.epochs * len(loaders["train"])
+        tb.scalars(last_step, "test", loss=test_loss, acc=test_acc)
+        tb.confusion(last_step, confusion, data.CLASSES)
+        tb.hparams({k: v for k, v in vars(args).items() if v is not None},
+                   {"hparam/test_acc": test_acc, "hparam/best_val_acc": saver.best_acc})
     finally:
         saver.wait()  # an exit of any kind leaves the last checkpoint complete
-    if code is not None:
-        return code
-    test_best(model, eval_net, loaders["test"], saver.best, run_dir, saver.best_name, rt, stop, log)
+        tb.close()
     if rt.master:
         report.plot_curves(log_base + ".csv", log_base + ".png")
     return 0

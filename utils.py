@@ -21,6 +21,12 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def first_line(e):
+    """An exception's message on one line (its first), or its type's name when it has none."""
+    lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def run_cli(main):
     """Call ``main()``; a UserError becomes one line on stderr and a non-zero exit."""
     try:
@@ -210,6 +216,12 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world_size, device
+
+
+def teardown_distributed():
+    """Leave torchrun's process group at the end of a run (torch >= 2.4 warns at exit otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def all_reduce_sum(values, device):

@@ -24,7 +24,6 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import sys
 import time
 
@@ -43,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
-from utils import cpu_has_amx  # noqa: E402
+from report import machine_info, machine_line  # noqa: E402,F401 -- machine_line: gpu_check's
 
 # ----------------------------------------------------------------------------------------------
 # Settings. The data rows always use the seed's 224 px (that is where PIL is slow). On two CPU cores
@@ -299,28 +298,6 @@ def row(kind, model, size, batch, project, seed):
     return {"kind": kind, "model": model, "image_size": size, "batch_size": batch,
             "project_img_s": round(project["img_s"], 1), "seed_img_s": round(seed["img_s"], 1) if ok else None,
             "ratio": round(project["img_s"] / seed["img_s"], 2) if ok else None, "project": project, "seed": seed}
-
-
-def machine_info():
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    cuda = torch.cuda.is_available()
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "isa": torch.backends.cpu.get_cpu_capability() + (" + AMX" if cpu_has_amx() else ""),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "gpu": torch.cuda.get_device_name() if cuda else None,
-            "cuda": torch.version.cuda if cuda else None,
-            "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "host": platform.node()}
-
-
-def machine_line(m):
-    gpu = f", {m['gpu']}" if m["gpu"] else ""
-    isa = f", {m['isa']}" if m.get("isa") else ""
-    return f"{m['cpu']} ({m['cores']} cores{isa}){gpu}, torch {m['torch']}"
 
 
 def verdict(ratio, target):

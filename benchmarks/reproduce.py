@@ -42,8 +42,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from bench import machine_info, machine_line  # noqa: E402
 import checkpoints  # noqa: E402
+from report import machine_info, machine_line  # noqa: E402
 from utils import UserError, cpu_has_amx  # noqa: E402
 
 MODELS = ["sample_resnet", "resnet", "resnet_att", "resnet_scratch", "resnet_att_scratch"]

@@ -183,7 +183,7 @@ def resume_like_train(path):
     rt = setup_runtime("cpu", distributed=False)
     with torch.random.fork_rng(devices=[]):
         loaders, net, _ = train.make_loaders(args, model, rt, logging.getLogger("fuzz"), StopSignals())
-        optimizer, scheduler, criterion, (epoch, step, _, meter_state) = train.make_optimisation(
+        optimizer, scheduler, criterion, (epoch, step, _, meter_state) = engine.make_optimisation(
             args, model, len(loaders["train"]), ckpt)
         meter = engine.Meter("cpu", **meter_state)
         if epoch < args.epochs:
