@@ -378,8 +378,8 @@ class Checkpointer:
         """last.pth (and the best when ``is_best``): at ``step`` of epoch ``epoch`` (0-based), or at
         the end of epoch ``epoch`` (1-based) when ``step`` is 0."""
         if not engine.parameters_finite(self.model):
-            raise UserError(f"the weights became non-finite in epoch {epoch if step == 0 else epoch + 1}, by step "
-                            f"{step or 'its last'}; stopped, the last good checkpoint is kept")
+            where = f"epoch {epoch}, by its last step" if step == 0 else f"epoch {epoch + 1}, by step {step}"
+            raise UserError(f"the weights became non-finite in {where}; stopped, the last good checkpoint is kept")
         if self.rt.master:
             self.writer.save({
                 "model": self.model_cfg, "image_size": self.args.image_size, "classes": list(data.CLASSES),

@@ -1,0 +1,30 @@
+"""benchmarks/cpu_speed.py: every setting measured in its own process, the table and the pick."""
+import json
+
+from conftest import run_script
+
+
+def test_cpu_speed_measures_each_setting_and_picks_one_that_fits(tmp_path):
+    out = tmp_path / "speed.json"
+    res = run_script("benchmarks/cpu_speed.py", "--image-size", "32", "--steps", "1", "--models", "sample_resnet",
+                     "--precisions", "fp32", "--no-compile", "--json", out, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["precision"], r["micro"], r["compile"]) for r in rows] == [("fp32", None, False), ("fp32", 64, False),
+                                                                          ("fp32", 32, False)]
+    assert all(r["img_s"] > 0 and 0 < r["peak_rss_gb"] < result["memory_limit_gb"] for r in rows)
+    pick = result["picks"]["sample_resnet"]
+    assert pick["img_s"] == max(r["img_s"] for r in rows)
+    md = (tmp_path / "speed.md").read_text()
+    assert "| sample_resnet | fp32, micro 32, eager |" in md and "1.00×" in md
+
+
+def test_cpu_speed_reports_a_failed_setting_in_its_row():
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, f"{ROOT}/benchmarks")
+    import cpu_speed
+    bad = cpu_speed.measure(dict(model="sample_resnet", precision="fp32", micro=None, compile=False, image_size=0,
+                                 batch=4, steps=1, warmup=0), timeout=120)
+    assert "error" in bad and bad["error"]
