@@ -44,8 +44,22 @@ def cifar(cifar_root):
     return data.load_cifar10(cifar_root, download=False)
 
 
+# Every process a test starts computes on the CPU, on any machine: there --device auto would pick
+# a GPU (bf16 autocast, cuDNN benchmark), and the tests compare runs bit for bit. The CUDA tests run
+# in the pytest process itself, which still sees the GPU (and skip without one).
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def child_env(*extra):
+    """The environment of a process a test starts: this one's, unbuffered, CPU_ONLY, then ``extra``
+    (dicts, later ones winning)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **CPU_ONLY)
+    for e in extra:
+        env.update(e or {})
+    return env
+
+
 def run_script(script, *args, cwd=None, env=None, timeout=600):
-    """Run train.py / evaluate.py as a user would; returns CompletedProcess (text, both streams)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    """Run train.py / evaluate.py as a user would, on the CPU; returns CompletedProcess (text, both streams)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+                          env=child_env(env), capture_output=True, text=True, timeout=timeout)

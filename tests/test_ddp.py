@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import data
 import engine
 from utils import StopSignals
-from conftest import ROOT, run_script
+from conftest import ROOT, child_env, run_script
 from models import build_model
 
 WORLD = 2
@@ -163,7 +163,7 @@ def torchrun(*args, **popen):
     """torchrun --nproc_per_node=2 train.py ARGS on 127.0.0.1 (a Popen: stdout piped, text)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", os.path.join(ROOT, "train.py"), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **ENV), text=True,
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(ENV), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
@@ -230,7 +230,7 @@ def test_no_rank_reads_a_file_only_rank_0_wrote(tmp_path, cifar_root):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", str(driver), *TINY, "--data-dir", cifar_root, "--out", out,
            "--log-dir", tmp_path / "log", "--run-name", "nodes"]
-    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **ENV),
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=child_env(ENV),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Test Acc : ") == 1

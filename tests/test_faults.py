@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, child_env, run_script
 from utils import UserError
 
 # A tiny sample_resnet run: 6 steps of 32 images per epoch, 2 epochs, validation every epoch.
@@ -126,7 +126,7 @@ class ForkServer:
     def __init__(self, workdir):
         self.workdir, self.n = workdir, 0
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, ROOT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, **ENV))
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=child_env(ENV))
 
     def reply(self):
         line = self.proc.stdout.readline()
@@ -138,7 +138,7 @@ class ForkServer:
         self.n += 1
         out, err = (os.path.join(self.workdir, f"{self.n}.{s}") for s in ("out", "err"))
         req = {"script": os.path.join(ROOT, script), "argv": [str(a) for a in argv], "cwd": str(cwd or ROOT),
-               "env": dict(os.environ, PYTHONUNBUFFERED="1", **ENV, **(env or {})), "stdout": out, "stderr": err,
+               "env": child_env(ENV, env), "stdout": out, "stderr": err,
                "timeout": timeout}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
@@ -559,8 +559,7 @@ BAD_INPUT = {
     "image truncated": (1, ["not an image", "i_trunc.png"], lambda f: evaluate(best, "--images", f.i_truncated)(f)),
     "image is a folder": (1, ["not an image"], lambda f: evaluate(best, "--images", str(f.dir))(f)),
 }
-if not torch.cuda.is_available():
-    BAD_INPUT["cuda unavailable"] = (2, ["--device cuda", "no CUDA"], train_("--device", "cuda"))
+BAD_INPUT["cuda unavailable"] = (2, ["--device cuda", "no CUDA"], train_("--device", "cuda"))  # the CPU pinned
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
@@ -615,7 +614,7 @@ def test_every_torch_load_is_weights_only():
             calls.append((where, isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True))
         assert not any(isinstance(n, ast.ImportFrom) and n.module == "torch" and "load" in [a.name for a in n.names]
                        for n in ast.walk(tree)), path
-    assert any(w.startswith("checkpoints.py:") for w, _ in calls)  # the scan sees the one real loader
+    assert any(w.startswith("torchfile.py:") for w, _ in calls)  # the scan sees the one real loader
     assert [w for w, ok in calls if not ok] == []
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 DRIVER = """
 import sys
@@ -39,7 +39,7 @@ def args(tmp_path, cifar_root, *extra):
 
 def reproduce(script, argv, timeout=300):
     return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=child_env({"OMP_NUM_THREADS": "1"}))
 
 
 def table(tmp_path):
@@ -79,7 +79,7 @@ def test_kill9_of_the_driver_then_the_same_command_finishes_exactly(tmp_path, ci
     slow = driver(tmp_path, epochs=4, train_subset=256)  # 4 epochs of 8 steps
     argv = args(tmp_path, cifar_root, "--seeds", "0", "1")
     proc = subprocess.Popen([sys.executable, slow, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stderr=subprocess.DEVNULL, env=child_env({"OMP_NUM_THREADS": "1"}))
     last = tmp_path / "ck" / "tiny-sample_resnet-seed1" / "last.pth"
     deadline = time.time() + 240
     while not last.exists() and time.time() < deadline and proc.poll() is None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, child_env, run_script
 import data
 
 N, BATCH, SIZE = 50, 8, 32  # 6 training batches an epoch (the last partial one is dropped)
@@ -179,10 +179,10 @@ def _progress(text):
 
 
 def _interrupt_and_resume(tmp, cifar_root, args, steps):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CIFAR10_ROOT=cifar_root)
     common = ["--out", str(tmp / "ck"), "--log-dir", str(tmp / "log"), *args]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--run-name", "cut"],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp, env=child_env({"CIFAR10_ROOT": cifar_root}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         seen = []
         for line in proc.stdout:

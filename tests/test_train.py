@@ -20,7 +20,7 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, child_env, run_script
 import data
 from models import MODELS, build_model, count_parameters
 
@@ -406,10 +406,10 @@ MID = ["--model", "sample_resnet", "--image-size", "32", "--epochs", "2", "--tra
 
 @pytest.mark.slow
 def test_sigint_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar_root):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CIFAR10_ROOT=cifar_root)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "ck"),
            "--log-dir", str(tmp_path / "log"), *MID, "--run-name", "cut"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env({"CIFAR10_ROOT": cifar_root}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         seen = []
         for line in proc.stdout:
