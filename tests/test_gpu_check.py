@@ -266,6 +266,24 @@ def test_the_report_is_a_few_top_level_files_naming_every_check(tmp_path):
     assert json.loads((out / "gpu-base.json").read_text())["checks"][1]["status"] == "FAILED (exit 1)"
 
 
+def test_a_short_budget_still_brings_back_a_report_naming_every_check(tmp_path):
+    """The whole script, rehearsed with less time than its checks need: it ends by its budget and
+    its report says which checks ran and which were skipped for time."""
+    out, budget = tmp_path / "out", 30
+    start = time.time()
+    r = run_script("benchmarks/gpu_check.py", "--rehearse", "--budget", budget, "--out", out, timeout=120)
+    wall = time.time() - start
+    assert wall < budget + 15, (wall, r.stdout[-2000:])  # + the interpreter's start and imports
+    files = os.listdir(out)
+    (report,) = [f for f in files if f.endswith(".json")]
+    assert set(files) <= {report, report[:-5] + ".md", "logs.tar.gz", "device-last.pth"}, files
+    statuses = {c["check"]: c["status"] for c in json.loads((out / report).read_text())["checks"]}
+    assert list(statuses) == [name for name, _, _ in gpu_check.CHECKS]
+    assert statuses["versions"] == "ok" and statuses["compile"] == "skipped: pass 1 out of time", statuses
+    assert all(re.match(r"ok$|FAILED|timed out|skipped: pass 1 out of time$", s) for s in statuses.values()), statuses
+    assert r.returncode == 1  # not everything was checked
+
+
 # ----------------------------------------------------------------------------------------------
 # The suite on a CUDA machine: every process a test starts is on the CPU
 
