@@ -320,11 +320,14 @@ class Row:
         machines = sorted({s["machine"] for s in segments if s.get("machine")})
         command = ("adopted: " + self.adopted) if self.adopted else (
             "python train.py " + shlex.join(train_argv(self.model, self.opts, self.name, preset_common)))
+        if self.adopted:  # no process record: its training time, and its machine is said where it came from
+            wall, machines = figures["train_s"] or None, [f"see {os.path.dirname(self.adopted)}"]
+        else:
+            wall = round(sum(s.get("wall_s", 0) for s in segments), 1) if segments else None
         return {"model": self.model, "run": self.name, "settings": self.opts, "command": command,
                 "status": self.status, "error": self.error, "seed_test_acc": SEED_TEST_ACC[self.model],
                 "returncode": 0 if self.status in ("done", "adopted") else (1 if self.status == "failed" else None),
-                "wall_s": round(sum(s.get("wall_s", 0) for s in segments), 1) if segments else None,
-                "segments": len(segments), "machines": machines, **figures}
+                "wall_s": wall, "segments": len(segments), "machines": machines, **figures}
 
 
 def adopt(row, folders):
@@ -434,7 +437,9 @@ def markdown(rows, meta):
         seeds = f", seeds {', '.join(str(g['settings'].get('seed', 0)) for g in group)}" if len(group) > 1 else ""
         col = lambda key: [g.get(key) for g in group]
         walls = [w for w in col("wall_s") if w is not None]
-        machines = sorted({m for g in group for m in g.get("machines") or []}) or [short]
+        machines = sorted({m for g in group for m in g.get("machines") or []})
+        if not machines:  # rows of the older format (one call, this machine), or not started yet
+            machines = [short] if any(g.get("status", "done") != "pending" for g in group) else ["-"]
         status = "; ".join(dict.fromkeys(row_status(g) for g in group))
         lines.append(f"| {r['model']} | {status} | {describe(r['settings'], meta['train_pool'])}{seeds} | "
                      f"{fmt(r.get('trainable_params'), ',')} | {spread(col('train_acc'), '.4f')} | "

@@ -131,6 +131,7 @@ def test_finished_runs_are_adopted_when_their_settings_match(tmp_path, cifar_roo
     assert res.returncode == 0, res.stderr
     (row,) = table(tmp_path)["rows"]
     assert row["status"] == "adopted" and row["command"].startswith("adopted: ")
+    assert row["machines"] == [f"see {other / 'log'}"] and row["wall_s"] == row["train_s"] > 0
     assert row["test_acc"] == json.loads((other / "results" / "tiny.json").read_text())["rows"][0]["test_acc"]
     assert trainings(tmp_path, "tiny-sample_resnet-seed0") == []  # nothing trained here
     # a run of other settings is not taken
