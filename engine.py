@@ -138,6 +138,16 @@ def train_step(net, x, y, criterion, optimizer, scheduler, autocast, meter, micr
     return total
 
 
+def broadcast_buffers(module):
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP sends them at the start
+    of each forward, but the last step's forward then updates each rank's copy from its own share
+    of the batch: without this, validation and the final test would run each rank's shard with
+    slightly different statistics than the checkpoint holds (rank 0's)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def parameters_finite(module):
     """True when every parameter and buffer is finite: one reduction, one host sync (before a save)."""
     tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]

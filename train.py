@@ -285,6 +285,7 @@ def fit(loop, loaders, start, args, log_base):
         finally:
             progress.close()
         seconds = time.time() - started
+        engine.broadcast_buffers(saver.model)  # every rank validates and keeps what rank 0 saves
         train_loss, train_acc, images = meter.read()
         loop.log.info(f"Train loss : {train_loss:.4f}    Train Acc : {train_acc:.4f}")
         row = {"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
