@@ -96,7 +96,7 @@ KILL_GRACE_S = 60  # after SIGINT at the deadline, train.py saves last.pth; kill
 TRAIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Options a resumed run may be given anew (train.py's RESUME_OVERRIDABLE): where the data is and
 # how this machine computes; every other option is the run's own, restored from its last.pth.
-RESUME_OPTIONS = ("data_dir", "no_download", "device", "precision", "micro_batch", "checkpoint_every")
+RESUME_OPTIONS = ("data_dir", "no_download", "device", "precision", "micro_batch", "checkpoint_every", "compile")
 
 
 def parse_args(argv):
@@ -132,18 +132,29 @@ def parse_args(argv):
 
 # Presets whose runs take hours on a CPU: they get this machine's fastest settings (cpu_options).
 LONG_CPU_PRESETS = ("seed-cpu",)
+# The fastest setting per precision and model that keeps a run under a third of the machine's 24 GB,
+# measured by benchmarks/cpu_speed.py (results/speed-cpu-20261202-intel-xeon-amx-2c.md, 2-core Xeon
+# with AMX, global batch 128, 224 px): bf16 sample_resnet compiled 61 img/s (eager 48); bf16
+# ResNet-50 in micro-batches of 64 20.6 img/s, 5.6 GB (whole: 18.5, 9.4 GB; compiled: no faster);
+# float32 in micro-batches of 32 is the fastest and smallest (ResNet-50 9.3 img/s, 5.7 GB; whole
+# batch 7.5 img/s, 19 GB).
+CPU_SETTINGS = {
+    "bf16": {"sample_resnet": dict(compile=True), "resnet_scratch": dict(micro_batch=64),
+             "resnet_att_scratch": dict(micro_batch=64)},
+    "fp32": {m: dict(micro_batch=32) for m in ("sample_resnet", "resnet_scratch", "resnet_att_scratch")},
+}
 
 
-def cpu_options(args):
-    """This machine's speed options for train.py: for the long CPU presets, bf16 autocast where
-    the CPU has AMX (ResNet-50 training 2.2x, sample_resnet 1.5x faster than float32 on a 2-core
-    Xeon; results/speed-cpu-*), float32 elsewhere (bf16 without AMX is slower). Passed again at
-    every resume: a run may move to another machine between sessions. --precision decides."""
-    if args.precision:
-        return {"precision": args.precision}
-    if args.preset in LONG_CPU_PRESETS and args.device != "cuda":
-        return {"precision": "bf16" if cpu_has_amx() else "fp32"}
-    return {}
+def cpu_options(args, model):
+    """This machine's speed options for one row's train.py: for the long CPU presets, bf16 autocast
+    where the CPU has AMX (ResNet-50 training 2.2x, sample_resnet 1.5x faster than float32 on a
+    2-core Xeon), float32 elsewhere (bf16 without AMX is slower), and that precision's fastest
+    setting from CPU_SETTINGS. Passed again at every resume: a run may move to another machine
+    between sessions. --precision decides the precision."""
+    if args.preset not in LONG_CPU_PRESETS or args.device == "cuda":
+        return {"precision": args.precision} if args.precision else {}
+    precision = args.precision or ("bf16" if cpu_has_amx() else "fp32")
+    return {"precision": precision, **CPU_SETTINGS.get(precision, {}).get(model, {})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,8 +172,11 @@ def train_argv(model, opts, name, common):
     return ["--model", model, "--run-name", name, "--overwrite", "--no-download"] + flags({**common, **opts})
 
 
-def resume_argv(last, common):
-    return ["--resume", last, "--no-download"] + flags({k: v for k, v in common.items() if k in RESUME_OPTIONS})
+def resume_argv(last, opts, common):
+    """train.py's command line to continue a row: the run's own arguments come from ``last``; the
+    speed options (the row's, then this machine's) are given again."""
+    return ["--resume", last, "--no-download"] + flags({k: v for k, v in {**opts, **common}.items()
+                                                        if k in RESUME_OPTIONS})
 
 
 def flags(options):
@@ -352,7 +366,7 @@ def train_row(row, common, env):
     if os.path.exists(row.last):
         try:
             checkpoints.load_checkpoint(row.last)
-            argv = resume_argv(row.last, common)
+            argv = resume_argv(row.last, row.opts, common)
             print(f"reproduce: {row.name}: resuming from {row.last}", flush=True)
         except UserError as e:
             print(f"reproduce: warning: {row.name}: {e}; restarting the run", flush=True)
@@ -453,8 +467,10 @@ def markdown(rows, meta):
               f"10,000-image test set; rows with other settings are not comparable to its figures. "
               f"Wall time covers every train.py process of the row{threads} (data, training, validation, "
               f"test; an adopted row's is its training time); train img/s is training alone."]
-    if meta.get("options"):
-        lines.append(f"Speed options of this call: `{' '.join(flags(meta['options']))}`.")
+    speed = {m: " ".join(flags(o)) for m, o in (meta.get("options") or {}).items() if o}
+    if speed:
+        lines.append("Speed options of this call (this machine's, benchmarks/cpu_speed.py): "
+                     + "; ".join(f"{m} `{o}`" for m, o in speed.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -477,9 +493,10 @@ def write_table(rows, meta, out_dir):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    options = cpu_options(args)
+    options = {m: cpu_options(args, m) for m in args.models}
     common = {"data_dir": args.data_dir, "weights": args.weights, "device": args.device,
-              "log_dir": args.log_dir, "out": args.checkpoints, **options}
+              "log_dir": args.log_dir, "out": args.checkpoints}
+    row_common = lambda row: {**common, **options[row.model]}  # this machine's speed options last
     os.makedirs(args.log_dir, exist_ok=True)
     meta = {"preset": args.preset, "command": "python benchmarks/reproduce.py " + shlex.join(argv),
             "machine": machine_info(), "weights": args.weights, "train_pool": 50000, "threads": args.threads,
@@ -492,7 +509,7 @@ def main(argv=None):
             row.adopted = adopt(row, args.adopt) if row.seed == 0 else None
         row.status = "adopted" if row.adopted else ("done" if row.done() else "pending")
 
-    table = lambda: write_table([r.table_row(common) for r in rows], meta, args.out)
+    table = lambda: write_table([r.table_row(row_common(r)) for r in rows], meta, args.out)
     interrupted = False
     for row in rows:
         if row.status != "pending":
@@ -503,7 +520,7 @@ def main(argv=None):
         try:
             row.status = "running"
             table()
-            rc = train_row(row, common, env)
+            rc = train_row(row, row_common(row), env)
         finally:
             row.release()
         table()

@@ -139,3 +139,21 @@ def test_finished_runs_are_adopted_when_their_settings_match(tmp_path, cifar_roo
     assert res.returncode == 0, res.stderr
     assert table(tmp_path / "b")["rows"][0]["status"] == "done"
     assert len(trainings(tmp_path / "b", "tiny-sample_resnet-seed0")) == 1
+
+
+def test_long_cpu_presets_get_this_machines_fastest_settings(monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import reproduce
+    opts = lambda *argv, model="resnet_scratch": reproduce.cpu_options(reproduce.parse_args(list(argv)), model)
+    monkeypatch.setattr(reproduce, "cpu_has_amx", lambda: True)
+    assert opts("--preset", "seed-cpu") == {"precision": "bf16", "micro_batch": 64}
+    assert opts("--preset", "seed-cpu", model="sample_resnet") == {"precision": "bf16", "compile": True}
+    assert opts("--preset", "seed-cpu", model="resnet") == {"precision": "bf16"}  # cached features: no step to tune
+    assert opts("--preset", "seed-cpu", "--precision", "fp32") == {"precision": "fp32", "micro_batch": 32}
+    assert opts("--preset", "seed-cpu", "--device", "cuda") == {}
+    assert opts("--preset", "tiny") == {} and opts("--preset", "tiny", "--precision", "bf16") == {"precision": "bf16"}
+    monkeypatch.setattr(reproduce, "cpu_has_amx", lambda: False)  # bf16 without AMX is slower
+    assert opts("--preset", "seed-cpu") == {"precision": "fp32", "micro_batch": 32}
+    # a resumed row is given the speed options again, the run's own ones (and no others) from its last.pth
+    argv = reproduce.resume_argv("x/last.pth", {"epochs": 2, "compile": True}, {"weights": "w", "precision": "fp32"})
+    assert argv == ["--resume", "x/last.pth", "--no-download", "--compile", "--precision", "fp32"]
