@@ -1,5 +1,6 @@
 """What a training run is made of, shared by train.py and the benchmarks: per-model hyperparameters,
-the optimiser and its schedule, the training step, and evaluation.
+the optimiser and its schedule (restored on resume: ``make_optimisation``), the training step
+(whole batches or micro-batches), and evaluation.
 
 Nothing here waits for the device. The step and evaluation keep their sums (loss, correct
 predictions, images, the confusion matrix) in device tensors; the host reads them only where a

@@ -113,6 +113,15 @@ class StopSignals:
 # Files, the allocator, versions
 
 
+def read_text(path):
+    """A text file's content, or "" when it cannot be read (a log that is not there yet)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def atomic_write_text(path, text):
     """Write a small text file so that readers see the old or the new content, never a mix."""
     tmp = f"{path}.tmp{os.getpid()}"

@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
-from report import machine_info, machine_line  # noqa: E402,F401 -- machine_line: gpu_check's
+from report import machine_info, machine_line  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Settings. The data rows always use the seed's 224 px (that is where PIL is slow). On two CPU cores

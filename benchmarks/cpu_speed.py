@@ -14,7 +14,6 @@ batches from data.TensorLoader's augmentation at the chosen size), random weight
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time

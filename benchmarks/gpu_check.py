@@ -46,7 +46,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from bench import machine_info, machine_line  # noqa: E402
+from report import machine_info, machine_line  # noqa: E402
+from utils import read_text  # noqa: E402
 
 # Time. A device call of timeout_s 250 with the default budget leaves room for a second call
 # within 15 minutes of machine time, two start-ups included (README, "The GPU check").
@@ -175,14 +176,6 @@ def run_group(cmd, log_path, limit, env=None, grace=GRACE_S, cwd=ROOT):
         signal_group(proc.pid, signal.SIGKILL)  # the stragglers of any exit, or the check itself at its limit
         rc = proc.wait()
     return rc, stopped, round(time.monotonic() - start, 1)
-
-
-def read_text(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def read_json(path):

@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
 from report import machine_info, machine_line  # noqa: E402
-from utils import UserError, cpu_has_amx  # noqa: E402
+from utils import UserError, cpu_has_amx, read_text  # noqa: E402
 
 MODELS = ["sample_resnet", "resnet", "resnet_att", "resnet_scratch", "resnet_att_scratch"]
 # The seed's README: test accuracy after 10 epochs at 224 px on the full training set.
@@ -255,14 +255,6 @@ def read_run(csv_path, output):
         "trainable_params": int(params.group(1).replace(",", "")) if params else None,
         "total_params": int(params.group(2).replace(",", "")) if params else None,
     }
-
-
-def read_text(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def error_line(output, rc):
