@@ -275,7 +275,7 @@ def fit(loop, loaders, start, args, log_base):
         first_step = start_step if epoch == start_epoch else 0
         loaders["train"].set_epoch(epoch, first_step)
         progress = report.EpochProgress(steps, epoch, args.epochs, first_step, rt.master)
-        started = time.time()
+        started, before = time.time(), meter.count  # a resumed epoch's earlier images ran in another process
         try:
             train_one_epoch(loop, loaders["train"], meter, epoch, first_step, progress)
         except Interrupted as e:
@@ -287,10 +287,11 @@ def fit(loop, loaders, start, args, log_base):
         seconds = time.time() - started
         engine.broadcast_buffers(saver.model)  # every rank validates and keeps what rank 0 saves
         train_loss, train_acc, images = meter.read()
+        mine = images * (meter.count - before) / max(meter.count, 1)  # all ranks' images of this process's steps
         loop.log.info(f"Train loss : {train_loss:.4f}    Train Acc : {train_acc:.4f}")
         row = {"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
                "val_loss": "", "val_acc": "", "lr": f"{loop.optimizer.param_groups[0]['lr']:.6g}",
-               "seconds": f"{seconds:.1f}", "images_per_s": f"{images / seconds:.1f}"}
+               "seconds": f"{seconds:.1f}", "images_per_s": f"{mine / seconds:.1f}" if mine else ""}
         loop.tb.scalars((epoch + 1) * steps, "epoch", train_loss=train_loss, train_acc=train_acc)
         is_best = False
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:

@@ -418,8 +418,9 @@ def read_run(csv_path, output):
         with open(csv_path) as f:
             with_rows = list(csv.DictReader(f))
     vals = [float(r["val_acc"]) for r in with_rows if r.get("val_acc")]
-    seconds = sum(float(r["seconds"]) for r in with_rows)
-    images = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in with_rows)
+    timed = [r for r in with_rows if r.get("images_per_s")]  # blank: a resumed epoch that only validated
+    seconds = sum(float(r["seconds"]) for r in timed)
+    images = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in timed)
     test = re.findall(r"Test Acc : ([\d.]+)", output)
     return {"epochs_done": len(with_rows), "best_val_acc": max(vals) if vals else None,
             "test_acc": float(test[-1]) if test else None,

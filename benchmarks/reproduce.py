@@ -241,8 +241,9 @@ def read_run(csv_path, output):
         with open(csv_path) as f:
             rows = list(csv.DictReader(f))
     vals = [float(r["val_acc"]) for r in rows if r["val_acc"]]
-    seconds = sum(float(r["seconds"]) for r in rows)
-    images = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in rows)
+    timed = [r for r in rows if r["images_per_s"]]  # blank: a resumed epoch with no steps left (validation only)
+    seconds = sum(float(r["seconds"]) for r in timed)
+    images = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in timed)
     params = re.search(r"([\d,]+) trainable of ([\d,]+) parameters", output)
     test = re.findall(r"Test Acc : ([\d.]+)", output)
     return {
