@@ -24,6 +24,7 @@ import glob
 import os
 import reprlib
 import shutil
+import signal
 import threading
 import time
 import warnings
@@ -360,8 +361,12 @@ class Checkpointer:
         self.every_s, self.last_save = args.checkpoint_every * 60, time.monotonic()
         self.writer = CheckpointWriter()
 
+    def raise_if_write_failed(self):
+        """A failed background write stops the run at the next loss check, not at the next save."""
+        self.writer.raise_if_failed()
+
     def due(self):
-        self.writer.raise_if_failed()  # a failed write stops the run now, not at the next save
+        """Whether a periodic mid-epoch save of last.pth is due (--checkpoint-every)."""
         return self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
 
     def choose(self, epoch, val_acc):
@@ -390,11 +395,27 @@ class Checkpointer:
             }, is_best, self.run_dir, self.best_name)
         self.last_save = time.monotonic()
 
+    def best_weights(self):
+        """For the final test: the best checkpoint this process chose, or rank 0's file sent to every
+        rank (a resumed run whose best came before the resume)."""
+        if self.best is None:
+            path = os.path.join(self.run_dir, self.best_name)
+            self.best = broadcast(load_checkpoint(path) if self.rt.master else None)
+        return self.best
+
+    def stop(self, epoch, step, meter, signum, where, log):
+        """A stop signal: last.pth at ``step`` of ``epoch``, complete on disk before the process
+        exits, and the line that says how to resume. -> the exit code (128 + the signal)."""
+        self.save(epoch, step, meter)
+        self.wait()
+        log.info(f"stopped by {signal.Signals(signum).name} {where}; saved {self.run_dir}/last.pth. "
+                 f"Resume with: python train.py --resume {self.run_dir}/last.pth")
+        return 128 + signum
+
     def check_room(self):
         """Before the first step: room on --out's disk for the best, last.pth and a temporary copy."""
         if self.rt.master:
-            check_room(self.run_dir, self.best_name,
-                                   checkpoint_bytes(self.model, self.args.optimizer))
+            check_room(self.run_dir, self.best_name, checkpoint_bytes(self.model, self.args.optimizer))
 
     def wait(self):
         self.writer.wait()

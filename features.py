@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import data
+import engine
 from report import Progress
 from utils import UserError, atomic_write_text
 
@@ -328,3 +329,23 @@ def cached_loaders(model, splits, cache_dir, image_size, batch_size, eval_batch_
         train = name == "train"
         loaders[name] = FeatureLoader(arr, split[1], batch_size if train else eval_batch_size, train, seed, device)
     return loaders
+
+
+def make_loaders(args, model, rt, log, stop):
+    """train.py's inputs: -> (loaders, the module they feed). A frozen backbone without augmentation
+    sees each image the same way in every epoch, so its features come from the cache and only
+    ``model.head`` trains (single process only); every other run trains ``model`` on images."""
+    eval_bs = args.batch_size * engine.EVAL_BATCH_FACTOR
+    if not (args.no_augment and rt.world_size == 1 and getattr(model, "frozen", False) and not args.no_probe):
+        return data.get_loaders(
+            args.data_dir, args.batch_size, args.image_size, rt.device, args.workers, args.val_split,
+            args.train_subset, args.test_subset, args.seed, not args.no_download, args.data_path,
+            augment=not args.no_augment, eval_batch_size=eval_bs, rank=rt.rank, world_size=rt.world_size,
+            channels_last=True), model
+    splits = data.get_splits(args.data_dir, args.val_split, args.train_subset, args.test_subset, args.seed,
+                             not args.no_download)
+    loaders = cached_loaders(model, splits, args.cache_dir, args.image_size, args.batch_size, eval_bs,
+                             args.seed, rt.device, rt.autocast, log, stop, args.cache_dtype)
+    log.info(f"{'head' if list(model.head.body.parameters()) else 'linear probe'} training on cached features "
+             f"({args.cache_dir})")
+    return loaders, model.head

@@ -171,15 +171,16 @@ class TensorBoard:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
-    def confusion(self, step, confusion, classes):
+    def test_results(self, step, loss, acc, confusion, classes, hparams, best_val_acc):
+        """The end of a run: the test loss and accuracy, the confusion matrix as a figure, and the
+        run's hyperparameters beside its results, for TensorBoard's HParams view."""
         if self.writer:
+            self.scalars(step, "test", loss=loss, acc=acc)
             self.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, classes), step)
-
-    def hparams(self, hparams, metrics):
-        """The run's hyperparameters beside its results, for TensorBoard's HParams view."""
-        if self.writer:
-            plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self.writer.add_hparams(plain, metrics, run_name=".")  # in this run's folder, not a new one
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()
+                     if v is not None}
+            self.writer.add_hparams(plain, {"hparam/test_acc": acc, "hparam/best_val_acc": best_val_acc},
+                                    run_name=".")  # in this run's folder, not a new one
 
     def close(self):
         if self.writer:

@@ -31,7 +31,7 @@ import engine
 import features
 import report
 from models import MODELS, build_model, count_parameters
-from utils import (PRECISIONS, Parser, StopSignals, UserError, all_reduce_sum, broadcast, non_negative,
+from utils import (PRECISIONS, Parser, StopSignals, UserError, non_negative,
                    non_negative_int, positive, run_cli, setup_runtime, teardown_distributed, tune_cpu_allocator)
 
 # Options that may differ between a run and its --resume; every other one is restored as saved.
@@ -105,12 +105,6 @@ def build_parser():
     return p
 
 
-def given_options(parser, argv):
-    """The dests of the options written on the command line."""
-    flags = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
-    return {a.dest for a in parser._actions if flags & set(a.option_strings)}
-
-
 def parse_args(argv):
     """-> (args, checkpoint or None). With --resume the run's own arguments come back from the
     checkpoint; one that may not change and was given with another value is refused."""
@@ -119,7 +113,7 @@ def parse_args(argv):
     ckpt = None
     if args.resume:
         ckpt = checkpoints.load_checkpoint(args.resume, args_parser=parser)
-        checkpoints.restore_args(args, ckpt, given_options(parser, argv), RESUME_OVERRIDABLE)
+        checkpoints.restore_args(args, ckpt, parser.given(argv), RESUME_OVERRIDABLE)
     else:
         for key, value in engine.MODEL_DEFAULTS[args.model].items():
             if getattr(args, key) is None:
@@ -210,14 +204,13 @@ def check_window(window, meter, loop, epoch):
     bad = next(((step, v) for (step, _), v in zip(window, losses) if not math.isfinite(v)), None)
     last_step = window[-1][0]
     window.clear()
+    loop.saver.raise_if_write_failed()
     save_due = loop.saver.due()
     signum = stop.received[0] if stop.received else 0
     if rt.world_size > 1:  # every rank stops at the same step, for a signal or a divergence any rank saw
-        flags = all_reduce_sum([float(s in stop.received) for s in stop.SIGNALS]
-                               + [float(bad is not None), float(rt.master and save_due)], rt.device)
-        if flags[-2] and bad is None:  # another rank's loss: by this step at the latest
+        signum, any_bad, save_due = stop.requested(rt.device, bad is not None, rt.master and save_due)
+        if any_bad and bad is None:  # another rank's loss: by this step at the latest
             bad = (last_step, float("nan"))
-        signum, save_due = next((s for s, n in zip(stop.SIGNALS, flags) if n), 0), bool(flags[-1])
     if bad is not None:
         raise UserError(f"loss became {bad[1]} at epoch {epoch + 1}, step {bad[0]} (learning rate "
                         f"{loop.scheduler.get_last_lr()[0]:.3g} too high?); stopped, the last good checkpoint is kept")
@@ -234,29 +227,12 @@ def validate(net, loader, rt, stop):
 
 
 def make_loaders(args, model, rt, log, stop):
-    """-> (loaders, the network the training step runs, the one validation runs).
-
-    A frozen backbone without augmentation sees each image the same way in every epoch: its
-    features are computed once, cached on disk, and only the head trains (single process only)."""
-    cached = args.no_augment and rt.world_size == 1 and getattr(model, "frozen", False) and not args.no_probe
-    eval_bs = args.batch_size * engine.EVAL_BATCH_FACTOR
-    net = eval_net = model
-    if cached:
-        splits = data.get_splits(args.data_dir, args.val_split, args.train_subset, args.test_subset, args.seed,
-                                 not args.no_download)
-        loaders = features.cached_loaders(model, splits, args.cache_dir, args.image_size, args.batch_size, eval_bs,
-                                          args.seed, rt.device, rt.autocast, log, stop, args.cache_dtype)
-        net = eval_net = model.head
-        probe = not list(model.head.body.parameters())
-        log.info(f"{'linear probe' if probe else 'head'} training on cached features ({args.cache_dir})")
-    else:
-        loaders = data.get_loaders(
-            args.data_dir, args.batch_size, args.image_size, rt.device, args.workers, args.val_split,
-            args.train_subset, args.test_subset, args.seed, not args.no_download, args.data_path,
-            augment=not args.no_augment, eval_batch_size=eval_bs, rank=rt.rank, world_size=rt.world_size,
-            channels_last=True)
-        if rt.world_size > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
+    """-> (loaders, the network the training step runs, the one validation runs): the model on
+    images, or its head on cached features (features.make_loaders decides); DDP, compiled."""
+    loaders, eval_net = features.make_loaders(args, model, rt, log, stop)
+    net = eval_net
+    if eval_net is model and rt.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
     if args.compile:
         net = torch.compile(net)
     stop.exit_if_requested("while loading the data; nothing was written")
@@ -279,9 +255,8 @@ def fit(loop, loaders, start, args, log_base):
         try:
             train_one_epoch(loop, loaders["train"], meter, epoch, first_step, progress)
         except Interrupted as e:
-            saver.save(epoch, e.args[0], meter)
-            saver.wait()
-            return stopped(loop.log, e.args[1], f"at epoch {epoch + 1}, step {e.args[0]}", saver.run_dir)
+            step, signum = e.args
+            return saver.stop(epoch, step, meter, signum, f"at epoch {epoch + 1}, step {step}", loop.log)
         finally:
             progress.close()
         seconds = time.time() - started
@@ -298,9 +273,8 @@ def fit(loop, loaders, start, args, log_base):
             try:
                 val_loss, val_acc, _ = validate(loop.eval_net, loaders["val"], rt, loop.stop)
             except engine.Stopped as e:  # resumes at the end of this epoch's steps: validation again
-                saver.save(epoch, steps, meter)
-                saver.wait()
-                return stopped(loop.log, e.signum, f"during validation after epoch {epoch + 1}", saver.run_dir)
+                return saver.stop(epoch, steps, meter, e.signum, f"during validation after epoch {epoch + 1}",
+                                  loop.log)
             is_best = saver.choose(epoch + 1, val_acc)
             loop.log.info(f"Val loss : {val_loss:.4f}    Val Acc : {val_acc:.4f}")
             loop.log.info(f"best accuracy is {saver.best_acc:.4f}")
@@ -317,29 +291,20 @@ def fit(loop, loaders, start, args, log_base):
     return None
 
 
-def test_best(model, loop, loader, run_dir):
-    """The test set, once, on the best weights (this process's, or rank 0's file sent to all).
-    -> (loss, accuracy, confusion matrix)."""
-    best, name = loop.saver.best, loop.saver.best_name
-    if best is None:
-        best = broadcast(checkpoints.load_checkpoint(os.path.join(run_dir, name)) if loop.rt.master else None)
+def test_best(model, loop, loader):
+    """The test set, once, on the best weights. -> (loss, accuracy, confusion matrix)."""
+    best = loop.saver.best_weights()
     model.load_state_dict(best["state_dict"])
     try:
         test_loss, test_acc, confusion = validate(loop.eval_net, loader, loop.rt, loop.stop)
     except engine.Stopped as e:
         raise UserError(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoints are "
-                        f"complete: evaluate.py {run_dir}/{name} gives the test accuracy",
+                        f"complete: evaluate.py {loop.saver.run_dir}/{loop.saver.best_name} gives the test accuracy",
                         exit_code=128 + e.signum) from None
     loop.log.info(f"best checkpoint: epoch {best['epoch']}, val acc {best['best_val_acc']:.4f}")
     loop.log.info(f"Test loss : {test_loss:.4f}")
     loop.log.info(f"Test Acc : {test_acc:.4f}")
     return test_loss, test_acc, confusion
-
-
-def stopped(log, signum, where, run_dir):
-    log.info(f"stopped by {signal.Signals(signum).name} {where}; saved {run_dir}/last.pth. "
-             f"Resume with: python train.py --resume {run_dir}/last.pth")
-    return 128 + signum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,12 +365,9 @@ def run(args, ckpt, rt):
         code = fit(loop, loaders, (epoch, step, meter_state), args, log_base)
         if code is not None:
             return code
-        test_loss, test_acc, confusion = test_best(model, loop, loaders["test"], run_dir)
-        last_step = args.epochs * len(loaders["train"])
-        tb.scalars(last_step, "test", loss=test_loss, acc=test_acc)
-        tb.confusion(last_step, confusion, data.CLASSES)
-        tb.hparams({k: v for k, v in vars(args).items() if v is not None},
-                   {"hparam/test_acc": test_acc, "hparam/best_val_acc": saver.best_acc})
+        test_loss, test_acc, confusion = test_best(model, loop, loaders["test"])
+        tb.test_results(args.epochs * len(loaders["train"]), test_loss, test_acc, confusion, data.CLASSES,
+                        vars(args), saver.best_acc)
     finally:
         saver.wait()  # an exit of any kind leaves the last checkpoint complete
         tb.close()

@@ -48,6 +48,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage wall
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def given(self, argv):
+        """The dests of the options written on the command line ``argv``."""
+        flags = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
+        return {a.dest for a in self._actions if flags & set(a.option_strings)}
+
 
 def positive(kind):
     def parse(text):
@@ -103,10 +108,11 @@ class StopSignals:
             signum = self.received[0]
             raise UserError(f"stopped by {signal.Signals(signum).name} {what}", exit_code=128 + signum)
 
-    def requested(self, device):
-        """The signal any rank got (0: none); all ranks stop at the same step, also those it missed."""
-        got = all_reduce_sum([float(s in self.received) for s in self.SIGNALS], device)
-        return next((s for s, n in zip(self.SIGNALS, got) if n), 0)
+    def requested(self, device, *flags):
+        """-> (the signal any rank got (0: none), then for each of ``flags`` whether any rank raised
+        it): one all_reduce, so all ranks stop at the same step, also those that missed the signal."""
+        got = all_reduce_sum([float(s in self.received) for s in self.SIGNALS] + [float(f) for f in flags], device)
+        return (next((s for s, n in zip(self.SIGNALS, got) if n), 0), *[n > 0 for n in got[len(self.SIGNALS):]])
 
 
 # ----------------------------------------------------------------------------------------------

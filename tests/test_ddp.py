@@ -80,8 +80,10 @@ def _worker(rank, port, out):
         signals = StopSignals()
         if rank == 1:  # SIGTERM reaches one rank only (its StopSignals handler records it)
             signals.handle(signal.SIGTERM, None)
-        stop = signals.requested(torch.device("cpu"))
-        torch.save({"grads": grads, "val": val, "stop": int(stop)}, os.path.join(out, f"rank{rank}.pt"))
+        # one rank's non-finite loss, and rank 0's checkpoint clock: every rank learns both
+        stop, diverged, save_due = signals.requested(torch.device("cpu"), rank == WORLD - 1, rank == 0)
+        torch.save({"grads": grads, "val": val, "stop": int(stop), "flags": (diverged, save_due)},
+                   os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +135,7 @@ def test_validation_reduced_over_ranks_equals_one_process(ddp_results):
 def test_a_signal_to_one_rank_stops_every_rank(ddp_results):
     ranks, _ = ddp_results
     assert [r["stop"] for r in ranks] == [signal.SIGTERM] * WORLD  # the same step, the same exit code
+    assert [r["flags"] for r in ranks] == [(True, True)] * WORLD
 
 
 def test_the_copy_of_ctrl_c_torchrun_forwards_does_not_abort_a_rank(monkeypatch):
