@@ -12,22 +12,14 @@ cannot be known yet (a run still going has no test accuracy; a deleted checkpoin
 is printed as "running" or an em dash, and said on stderr.
 """
 import argparse
-import csv
 import os
-import re
 import sys
 
 import checkpoints
 import report
-from utils import Parser, UserError, run_cli
+from utils import Parser, UserError, read_text, run_cli
 
 MISSING = "\u2014"  # an em dash: not known
-RUN_LINE = re.compile(r"^(?:run|resuming) (?P<run>\S+): (?P<model>\S+), (?P<trainable>[\d,]+) trainable of "
-                      r"[\d,]+ parameters, .*?image size (?P<size>\d+), .*, (?P<epochs>\d+) epochs$")
-TEST_LINE = re.compile(r"^Test Acc : (?P<acc>[\d.]+)$")
-CACHED_LINE = re.compile(r"^(head|linear probe) training on cached features")
-CKPT_LINE = re.compile(r"^checkpoints: (?P<dir>.+)/ \(last\.pth, (?P<best>[^)]+)\); log: ")
-
 
 def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,47 +39,9 @@ def warn(message):
 # Reading a run
 
 
-def read_csv(path):
-    """train.py's CSV -> [{field: float or None}] per epoch, or a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist")
-    not_ours = f"{path} is not a train.py CSV (columns {','.join(report.CSV_FIELDS)})"
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header != report.CSV_FIELDS:
-                raise UserError(not_ours)
-            rows = []
-            for n, cells in enumerate(reader, start=2):
-                if len(cells) != len(header):
-                    raise UserError(f"{not_ours}: line {n} has {len(cells)} cells")
-                rows.append({k: float(v) if v else None for k, v in zip(header, cells)})
-    except (UnicodeDecodeError, csv.Error, ValueError) as e:
-        raise UserError(f"{not_ours}: {' '.join(str(e).split())[:120]}") from None
-    if any(r["epoch"] is None or r["train_acc"] is None for r in rows):
-        raise UserError(f"{not_ours}: a row without epoch or train accuracy")
-    return rows
-
-
 def read_log(path):
-    """What the run's .log says: {run, model, trainable, size, epochs, test_acc, ckpt_dir, best, cached};
-    {} if absent."""
-    if not os.path.isfile(path):
-        return {}
-    found = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if (m := RUN_LINE.match(line)) and "model" not in found:  # the first: a resumed run repeats it
-                found.update(m.groupdict())
-            elif m := TEST_LINE.match(line):
-                found["test_acc"] = float(m["acc"])
-            elif (m := CKPT_LINE.match(line)) and "ckpt_dir" not in found:
-                found.update(ckpt_dir=m["dir"], best=m["best"])
-            elif CACHED_LINE.match(line):  # a frozen model's head trained on the backbone's cached features
-                found["cached"] = True
-    return found
+    """report.parse_log of the run's .log; {} if absent."""
+    return report.parse_log(read_text(path)) if os.path.isfile(path) else {}
 
 
 def find_checkpoint(log_path, info):
@@ -108,7 +62,7 @@ def find_checkpoint(log_path, info):
 
 def run_row(csv_path):
     """One run -> (name, table cells, epochs rows); what is missing is said on stderr."""
-    rows = read_csv(csv_path)
+    rows = report.read_csv(csv_path)
     name = os.path.splitext(os.path.basename(csv_path))[0]
     log_path = os.path.splitext(csv_path)[0] + ".log"
     info = read_log(log_path)
@@ -129,23 +83,21 @@ def run_row(csv_path):
     if info and test is None:
         warn(f"{name}: no 'Test Acc' line in {log_path} yet: still running, or stopped before the test")
     planned = int(info["epochs"]) if "epochs" in info else args.get("epochs")
-    done = len(rows)
-    vals = [r["val_acc"] for r in rows if r["val_acc"] is not None]
-    seconds = sum(r["seconds"] or 0 for r in rows)
-    images = sum((r["images_per_s"] or 0) * (r["seconds"] or 0) for r in rows)
+    figures = report.run_figures(rows, info)
+    done = figures["epochs_done"]
     train_images = (args.get("train_subset") or 50000 - args["val_split"]) if "val_split" in args else None
     fmt = lambda v, spec: MISSING if v is None else format(v, spec)
     cells = [
         name, info.get("model", args.get("model", MISSING)),
-        fmt(rows[-1]["train_acc"] if rows else None, ".4f"),
-        fmt(max(vals) if vals else None, ".4f"),
+        fmt(figures["train_acc"], ".4f"),
+        fmt(figures["best_val_acc"], ".4f"),
         fmt(test, ".4f") if test is not None else ("running" if info else MISSING),
-        info.get("trainable", MISSING),
+        fmt(figures["trainable_params"], ","),
         (str(done) if planned in (None, done) else f"{done} of {planned}"),
         info.get("size", str(args["image_size"]) if "image_size" in args else MISSING),
         fmt(train_images, ","),
-        duration(seconds) if rows else MISSING,
-        fmt(images / seconds if seconds else None, ",.0f") + (" (head, cached features)" if info.get("cached") else ""),
+        duration(figures["train_s"]) if rows else MISSING,
+        fmt(figures["train_img_s"], ",.0f") + (" (head, cached features)" if info.get("cached") else ""),
     ]
     return name, cells, rows
 

@@ -1,11 +1,13 @@
 """What the user reads and looks at: the run's log lines (the seed's format), its CSV, the loss and
 accuracy curves, the confusion matrix, live curves in TensorBoard, progress bars for every long
-phase, and the machine a figure was measured on."""
+phase, and the machine a figure was measured on; and reading a run's CSV and log back for the
+tables of compare.py and the benchmarks."""
 import contextlib
 import csv
 import logging
 import os
 import platform
+import re
 import sys
 import time
 
@@ -186,6 +188,75 @@ class TensorBoard:
         if self.writer:
             self.writer.close()
             self.writer = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run back (compare.py, benchmarks/reproduce.py, benchmarks/gpu_check.py): its CSV and log
+
+RUN_LINE = re.compile(r"^(?:run|resuming) (?P<run>\S+): (?P<model>\S+), (?P<trainable>[\d,]+) trainable of "
+                      r"(?P<total>[\d,]+) parameters, .*?image size (?P<size>\d+), .*, (?P<epochs>\d+) epochs$")
+TEST_LINE = re.compile(r"^Test Acc : (?P<acc>[\d.]+)$")
+CACHED_LINE = re.compile(r"^(head|linear probe) training on cached features")
+CKPT_LINE = re.compile(r"^checkpoints: (?P<dir>.+)/ \(last\.pth, (?P<best>[^)]+)\); log: ")
+
+
+def read_csv(path):
+    """train.py's CSV -> [{field: float or None}] per epoch, or a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist")
+    not_ours = f"{path} is not a train.py CSV (columns {','.join(CSV_FIELDS)})"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header != CSV_FIELDS:
+                raise UserError(not_ours)
+            rows = []
+            for n, cells in enumerate(reader, start=2):
+                if len(cells) != len(header):
+                    raise UserError(f"{not_ours}: line {n} has {len(cells)} cells")
+                rows.append({k: float(v) if v else None for k, v in zip(header, cells)})
+    except (UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise UserError(f"{not_ours}: {' '.join(str(e).split())[:120]}") from None
+    if any(r["epoch"] is None or r["train_acc"] is None for r in rows):
+        raise UserError(f"{not_ours}: a row without epoch or train accuracy")
+    return rows
+
+
+def parse_log(text):
+    """What a run's log (or its output) says: {run, model, trainable, total, size, epochs, test_acc,
+    ckpt_dir, best, cached}, each where a line says it."""
+    found = {}
+    for line in text.splitlines():
+        if (m := RUN_LINE.match(line)) and "model" not in found:  # the first: a resumed run repeats it
+            found.update(m.groupdict())
+        elif m := TEST_LINE.match(line):
+            found["test_acc"] = float(m["acc"])
+        elif (m := CKPT_LINE.match(line)) and "ckpt_dir" not in found:
+            found.update(ckpt_dir=m["dir"], best=m["best"])
+        elif CACHED_LINE.match(line):  # a frozen model's head trained on the backbone's cached features
+            found["cached"] = True
+    return found
+
+
+def run_figures(rows, info):
+    """The figures a table shows of one run, from its CSV rows (read_csv) and its log (parse_log);
+    None where the run did not get there. Images/s counts only the epochs that trained in the
+    process that wrote the row (blank: a resumed epoch that only validated)."""
+    vals = [r["val_acc"] for r in rows if r["val_acc"] is not None]
+    timed = [r for r in rows if r["images_per_s"]]
+    seconds = sum(r["seconds"] for r in timed)
+    images = sum(r["images_per_s"] * r["seconds"] for r in timed)
+    count = lambda key: int(info[key].replace(",", "")) if key in info else None
+    return {"epochs_done": len(rows), "train_acc": rows[-1]["train_acc"] if rows else None,
+            "best_val_acc": max(vals) if vals else None, "test_acc": info.get("test_acc"),
+            "train_img_s": round(images / seconds, 1) if seconds else None, "train_s": round(seconds, 1),
+            "trainable_params": count("trainable"), "total_params": count("total")}
+
+
+def read_run(csv_path, log_text):
+    """run_figures of a run from its CSV's path (missing: no epoch done yet) and its log's text."""
+    return run_figures(read_csv(csv_path) if os.path.exists(csv_path) else [], parse_log(log_text))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ logs.tar.gz (every check's log, the runs' logs and CSVs, bench.py's JSON) and de
 work folder (logs, checkpoints) is a temporary folder outside --out, removed at the end.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -46,6 +45,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
+import report  # noqa: E402
 from report import machine_info, machine_line  # noqa: E402
 from utils import read_text  # noqa: E402
 
@@ -411,22 +411,6 @@ def settings_line(opts, pool):
             f"test {opts.get('test_subset', 10000):,}" + (", random init" if opts["weights"] == "none" else ""))
 
 
-def read_run(csv_path, output):
-    """Figures of one train.py run from its CSV and output (None where it did not get there)."""
-    with_rows = []
-    if os.path.exists(csv_path):
-        with open(csv_path) as f:
-            with_rows = list(csv.DictReader(f))
-    vals = [float(r["val_acc"]) for r in with_rows if r.get("val_acc")]
-    timed = [r for r in with_rows if r.get("images_per_s")]  # blank: a resumed epoch that only validated
-    seconds = sum(float(r["seconds"]) for r in timed)
-    images = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in timed)
-    test = re.findall(r"Test Acc : ([\d.]+)", output)
-    return {"epochs_done": len(with_rows), "best_val_acc": max(vals) if vals else None,
-            "test_acc": float(test[-1]) if test else None,
-            "train_img_s": round(images / seconds, 1) if seconds else None}
-
-
 def accuracy_runs(args, work, deadline, bench_result, publish):
     """Pass 2: each model's share of the time left; SIGINT so that its grace ends by ``deadline``."""
     models = pass2_models(args)
@@ -448,7 +432,7 @@ def accuracy_runs(args, work, deadline, bench_result, publish):
         rc, stopped, seconds = run_group(cmd, log, share, {"CIFAR10_PARTIAL": "1"})
         output = read_text(log)
         row = {"model": model, "settings": opts, "describe": settings_line(opts, args.train_pool), "returncode": rc,
-               "wall_s": seconds, **read_run(os.path.join(work, "logs", name + ".csv"), output)}
+               "wall_s": seconds, **report.read_run(os.path.join(work, "logs", name + ".csv"), output)}
         row["status"] = ("done" if rc == 0 and row["test_acc"] is not None else
                          f"stopped at the deadline after {row['epochs_done']} ep" if stopped else
                          f"failed: {last_line(output)}")

@@ -23,13 +23,11 @@ parameters`, `Test Acc : x`); each row lists the machines its segments ran on.
 """
 import argparse
 import contextlib
-import csv
 import ctypes
 import fcntl
 import glob
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -43,6 +41,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
+import report  # noqa: E402
 from report import machine_info, machine_line  # noqa: E402
 from utils import UserError, cpu_has_amx, read_text  # noqa: E402
 
@@ -233,31 +232,6 @@ def run_train(argv, out_path, deadline=None, env=None, keep_fds=()):
     return rc, "".join(lines), time.time() - start
 
 
-def read_run(csv_path, output):
-    """The table's figures from train.py's CSV and its log (or output); None where the run did not
-    get there."""
-    rows = []
-    if os.path.exists(csv_path):
-        with open(csv_path) as f:
-            rows = list(csv.DictReader(f))
-    vals = [float(r["val_acc"]) for r in rows if r["val_acc"]]
-    timed = [r for r in rows if r["images_per_s"]]  # blank: a resumed epoch with no steps left (validation only)
-    seconds = sum(float(r["seconds"]) for r in timed)
-    images = sum(float(r["images_per_s"]) * float(r["seconds"]) for r in timed)
-    params = re.search(r"([\d,]+) trainable of ([\d,]+) parameters", output)
-    test = re.findall(r"Test Acc : ([\d.]+)", output)
-    return {
-        "epochs_done": len(rows),
-        "train_acc": float(rows[-1]["train_acc"]) if rows else None,
-        "best_val_acc": max(vals) if vals else None,
-        "test_acc": float(test[-1]) if test else None,
-        "train_img_s": round(images / seconds, 1) if seconds else None,
-        "train_s": round(seconds, 1),
-        "trainable_params": int(params.group(1).replace(",", "")) if params else None,
-        "total_params": int(params.group(2).replace(",", "")) if params else None,
-    }
-
-
 def error_line(output, rc):
     """The run's own one-line error (train.py: error: ...), else its last line, else the exit code."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
@@ -322,7 +296,7 @@ class Row:
 
     def table_row(self, preset_common):
         log_path = self.log_path()
-        figures = read_run(log_path[:-len(".log")] + ".csv", read_text(log_path))
+        figures = report.read_run(log_path[:-len(".log")] + ".csv", read_text(log_path))
         segments = self.segments()
         machines = sorted({s["machine"] for s in segments if s.get("machine")})
         command = ("adopted: " + self.adopted) if self.adopted else (

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import report
 from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -63,13 +64,13 @@ def test_bench_records_a_failed_row_and_goes_on(tmp_path):
 
 def fake_run(tmp_path, model, test_acc):
     """A run's CSV written by train.py's own writer, and its output lines, as train.py prints them."""
-    import report
     csv_path = str(tmp_path / f"{model}.csv")
     for epoch, val in ((1, ""), (2, "0.51000")):
         report.append_csv(csv_path, {"epoch": epoch, "train_loss": "1.0", "train_acc": f"0.{epoch}0000",
                                     "val_loss": "1.1" if val else "", "val_acc": val, "lr": "0.1",
                                     "seconds": "10.0", "images_per_s": f"{100 * epoch}.0"})
-    output = (f"run x: {model}, 20,490 trainable of 23,528,522 parameters, cpu, image size 32\n"
+    output = (f"run x: {model}, 20,490 trainable of 23,528,522 parameters, cpu fp32, image size 32, batch 128, "
+              f"sgd lr 0.1, 2 epochs\n"
               f"best accuracy is 0.5100\nTest loss : 1.2000\nTest Acc : {test_acc:.4f}\n")
     return csv_path, output
 
@@ -78,7 +79,7 @@ def test_reproduce_reads_runs_into_a_five_row_table(tmp_path):
     import reproduce
     rows = []
     for model in MODELS:
-        figures = reproduce.read_run(*fake_run(tmp_path, model, 0.5))
+        figures = report.read_run(*fake_run(tmp_path, model, 0.5))
         rows.append({"model": model, "settings": reproduce.PRESETS["cpu"][model], "returncode": 0,
                      "wall_s": 60.0, "seed_test_acc": reproduce.SEED_TEST_ACC[model], **figures})
     assert figures == {"epochs_done": 2, "train_acc": 0.2, "best_val_acc": 0.51, "test_acc": 0.5,
@@ -95,7 +96,7 @@ def test_reproduce_seeds_give_mean_and_std(tmp_path):
     import reproduce
     rows = []
     for seed, acc in ((0, 0.5), (1, 0.6), (2, 0.7)):
-        figures = reproduce.read_run(*fake_run(tmp_path / str(seed), "resnet", acc)) if (tmp_path / str(seed)).mkdir() \
+        figures = report.read_run(*fake_run(tmp_path / str(seed), "resnet", acc)) if (tmp_path / str(seed)).mkdir() \
             is None else None
         rows.append({"model": "resnet", "settings": dict(reproduce.PRESETS["cpu"]["resnet"], seed=seed),
                      "returncode": 0, "wall_s": 60.0, "seed_test_acc": 0.8443, **figures})
