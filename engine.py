@@ -33,6 +33,13 @@ WARMUP_EPOCHS = 1  # linear warmup from 0, then cosine decay to 0, stepped every
 EVAL_BATCH_FACTOR = 2  # evaluation stores no activations: a larger batch fits
 
 
+def fill_model_defaults(args):
+    """A new run's optimiser, lr and weight decay: the model's MODEL_DEFAULTS where not given."""
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def make_optimizer(name, lr, weight_decay, params, fused=False):
     fused = {"fused": True} if fused else {}
     if name == "sgd":

@@ -70,6 +70,15 @@ def open_run_log(args, rt, run_dir, log_base, resuming, params, best_name):
     return log
 
 
+def epoch_row(epoch, train_loss, train_acc, lr, seconds, images, val=None):
+    """One epoch's CSV row: ``val`` is (loss, accuracy) when it validated; images/s is blank when
+    no step of the epoch ran in this process (a resumed epoch that only validated)."""
+    val_loss, val_acc = (f"{v:.5f}" for v in val) if val else ("", "")
+    return {"epoch": epoch, "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
+            "val_loss": val_loss, "val_acc": val_acc, "lr": f"{lr:.6g}", "seconds": f"{seconds:.1f}",
+            "images_per_s": f"{images / seconds:.1f}" if images else ""}
+
+
 def append_csv(path, row):
     new = not os.path.exists(path)
     try:

@@ -31,8 +31,8 @@ import engine
 import features
 import report
 from models import MODELS, build_model, count_parameters
-from utils import (PRECISIONS, Parser, StopSignals, UserError, non_negative,
-                   non_negative_int, positive, run_cli, setup_runtime, teardown_distributed, tune_cpu_allocator)
+from utils import (PRECISIONS, Parser, StopSignals, UserError, non_negative, non_negative_int, positive, run_cli,
+                   setup_runtime, teardown_distributed, tune_cpu_allocator)
 
 # Options that may differ between a run and its --resume; every other one is restored as saved.
 RESUME_OVERRIDABLE = {"resume", "device", "workers", "compile", "stop_after", "dry_run", "data_dir", "no_download",
@@ -115,9 +115,7 @@ def parse_args(argv):
         ckpt = checkpoints.load_checkpoint(args.resume, args_parser=parser)
         checkpoints.restore_args(args, ckpt, parser.given(argv), RESUME_OVERRIDABLE)
     else:
-        for key, value in engine.MODEL_DEFAULTS[args.model].items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        engine.fill_model_defaults(args)
     check_args(args)
     return args, ckpt
 
@@ -164,15 +162,11 @@ class Loop:
     micro_batch: int = None
 
 
-class Interrupted(Exception):
-    """A stop signal arrived: (steps done in this epoch, signal number)."""
-
-
 def train_one_epoch(loop, loader, meter, epoch, first_step, progress):
     """One pass over the training batches. The step never waits for the device; every CHECK_EVERY
     steps (and at the end) the window's losses are read once: a non-finite one stops the run,
     naming its step; TensorBoard gets its points; a periodic checkpoint is written when one is
-    due. Raises Interrupted after the step in which a stop signal was seen."""
+    due. -> None, or (the step, the signal) when a stop signal ended the epoch early."""
     loop.net.train()
     window, seen, clock = [], meter.count, (time.time(), meter.count)  # seen: a resumed epoch's images
     for step, (x, y) in enumerate(loader, start=first_step + 1):
@@ -186,7 +180,7 @@ def train_one_epoch(loop, loader, meter, epoch, first_step, progress):
                             max(time.time() - clock[0], 1e-9))
             clock = (time.time(), meter.count)
             if signum:
-                raise Interrupted(step, signum)
+                return step, signum
             if save_due and step < len(loader):  # the epoch's end saves anyway
                 loop.saver.save(epoch, step, meter)
         if progress.wants(step):
@@ -253,22 +247,19 @@ def fit(loop, loaders, start, args, log_base):
         progress = report.EpochProgress(steps, epoch, args.epochs, first_step, rt.master)
         started, before = time.time(), meter.count  # a resumed epoch's earlier images ran in another process
         try:
-            train_one_epoch(loop, loaders["train"], meter, epoch, first_step, progress)
-        except Interrupted as e:
-            step, signum = e.args
-            return saver.stop(epoch, step, meter, signum, f"at epoch {epoch + 1}, step {step}", loop.log)
+            interrupted = train_one_epoch(loop, loaders["train"], meter, epoch, first_step, progress)
         finally:
             progress.close()
+        if interrupted:
+            step, signum = interrupted
+            return saver.stop(epoch, step, meter, signum, f"at epoch {epoch + 1}, step {step}", loop.log)
         seconds = time.time() - started
         engine.broadcast_buffers(saver.model)  # every rank validates and keeps what rank 0 saves
         train_loss, train_acc, images = meter.read()
         mine = images * (meter.count - before) / max(meter.count, 1)  # all ranks' images of this process's steps
         loop.log.info(f"Train loss : {train_loss:.4f}    Train Acc : {train_acc:.4f}")
-        row = {"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "train_acc": f"{train_acc:.5f}",
-               "val_loss": "", "val_acc": "", "lr": f"{loop.optimizer.param_groups[0]['lr']:.6g}",
-               "seconds": f"{seconds:.1f}", "images_per_s": f"{mine / seconds:.1f}" if mine else ""}
         loop.tb.scalars((epoch + 1) * steps, "epoch", train_loss=train_loss, train_acc=train_acc)
-        is_best = False
+        is_best, val = False, None
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
             try:
                 val_loss, val_acc, _ = validate(loop.eval_net, loaders["val"], rt, loop.stop)
@@ -278,10 +269,11 @@ def fit(loop, loaders, start, args, log_base):
             is_best = saver.choose(epoch + 1, val_acc)
             loop.log.info(f"Val loss : {val_loss:.4f}    Val Acc : {val_acc:.4f}")
             loop.log.info(f"best accuracy is {saver.best_acc:.4f}")
-            row.update(val_loss=f"{val_loss:.5f}", val_acc=f"{val_acc:.5f}")
+            val = (val_loss, val_acc)
             loop.tb.scalars((epoch + 1) * steps, "epoch", val_loss=val_loss, val_acc=val_acc)
         if rt.master:
-            report.append_csv(log_base + ".csv", row)
+            report.append_csv(log_base + ".csv", report.epoch_row(
+                epoch + 1, train_loss, train_acc, loop.optimizer.param_groups[0]["lr"], seconds, mine, val))
         meter = engine.Meter(rt.device)  # the next epoch's sums; empty in a checkpoint at its step 0
         saver.save(epoch + 1, 0, meter, is_best)
     if stop_at < args.epochs:
