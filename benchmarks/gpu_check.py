@@ -45,8 +45,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-import report  # noqa: E402
-from report import machine_info, machine_line  # noqa: E402
+from report import machine_info, machine_line, read_run  # noqa: E402
 from utils import read_text  # noqa: E402
 
 # Time. A device call of timeout_s 250 with the default budget leaves room for a second call
@@ -432,7 +431,7 @@ def accuracy_runs(args, work, deadline, bench_result, publish):
         rc, stopped, seconds = run_group(cmd, log, share, {"CIFAR10_PARTIAL": "1"})
         output = read_text(log)
         row = {"model": model, "settings": opts, "describe": settings_line(opts, args.train_pool), "returncode": rc,
-               "wall_s": seconds, **report.read_run(os.path.join(work, "logs", name + ".csv"), output)}
+               "wall_s": seconds, **read_run(os.path.join(work, "logs", name + ".csv"), output)}
         row["status"] = ("done" if rc == 0 and row["test_acc"] is not None else
                          f"stopped at the deadline after {row['epochs_done']} ep" if stopped else
                          f"failed: {last_line(output)}")

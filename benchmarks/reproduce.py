@@ -41,8 +41,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
-import report  # noqa: E402
-from report import machine_info, machine_line  # noqa: E402
+from report import machine_info, machine_line, read_run  # noqa: E402
 from utils import UserError, cpu_has_amx, read_text  # noqa: E402
 
 MODELS = ["sample_resnet", "resnet", "resnet_att", "resnet_scratch", "resnet_att_scratch"]
@@ -296,7 +295,7 @@ class Row:
 
     def table_row(self, preset_common):
         log_path = self.log_path()
-        figures = report.read_run(log_path[:-len(".log")] + ".csv", read_text(log_path))
+        figures = read_run(log_path[:-len(".log")] + ".csv", read_text(log_path))
         segments = self.segments()
         machines = sorted({s["machine"] for s in segments if s.get("machine")})
         command = ("adopted: " + self.adopted) if self.adopted else (
