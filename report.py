@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from utils import UserError, cpu_has_amx
+from utils import UserError, cpu_has_amx, cpu_has_avx512_bf16
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 
@@ -362,7 +362,8 @@ def machine_info():
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     cuda = torch.cuda.is_available()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "isa": torch.backends.cpu.get_cpu_capability() + (" + AMX" if cpu_has_amx() else ""),
+            "isa": torch.backends.cpu.get_cpu_capability() + (" + AVX512_BF16" if cpu_has_avx512_bf16() else "")
+                   + (" + AMX" if cpu_has_amx() else ""),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "gpu": torch.cuda.get_device_name() if cuda else None,
             "cuda": torch.version.cuda if cuda else None,

@@ -184,9 +184,35 @@ class Runtime:
 
 def cpu_has_amx():
     """True on a CPU with AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs bfloat16
-    convolutions ~2x faster than float32 (ResNet-50 training 9.5 -> 20.5 img/s on 2 cores);
-    without AMX, bf16 autocast is slower than float32 (results/speed-cpu-*.md)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded
+    convolutions ~2x faster than float32 (ResNet-50 training 9.5 -> 20.5 img/s on 2 cores)."""
+    return _cpu_probe("_is_amx_tile_supported")
+
+
+def cpu_bf16_is_fast():
+    """True where bf16 autocast trains faster than float32 on this CPU, as measured by
+    benchmarks/cpu_speed.py (results/speed-cpu-*.md, 2 cores, 224 px, batch 128):
+    - an Intel Xeon with AMX: ResNet-50 2.2x, sample_resnet 1.5x;
+    - an AMD EPYC Zen 4 (avx512_bf16, no AMX): ResNet-50 2.15x, sample_resnet 1.65x;
+    - not an Intel Xeon with avx512_bf16 but no AMX (bf16 0.8x: oneDNN keeps its bf16 convolutions
+      for AMX there), nor an AVX2-only CPU."""
+    return cpu_has_amx() or (cpu_vendor() == "AuthenticAMD" and cpu_has_avx512_bf16())
+
+
+def cpu_has_avx512_bf16():
+    """True on a CPU with the AVX-512 bfloat16 instructions (Intel Cooper Lake and later, AMD Zen 4)."""
+    return _cpu_probe("_is_avx512_bf16_supported")
+
+
+def cpu_vendor():
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
+    return ""
+
+
+def _cpu_probe(name):
+    probe = getattr(torch.cpu, name, None)  # private, so guarded
     try:
         return bool(probe and probe())
     except Exception:
@@ -198,7 +224,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def resolve_precision(precision, cuda):
     """--precision auto|fp32|bf16 -> "bf16" or "fp32". auto: bf16 on CUDA, float32 on a CPU: a CPU
-    run is bit-reproducible and the tests compare it bit for bit; ask for bf16 on an AMX CPU."""
+    run is bit-reproducible and the tests compare it bit for bit; ask for bf16 where
+    cpu_bf16_is_fast()."""
     return ("bf16" if cuda else "fp32") if precision == "auto" else precision
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
 from report import machine_info, machine_line, read_run  # noqa: E402
-from utils import UserError, cpu_has_amx, read_text  # noqa: E402
+from utils import UserError, cpu_bf16_is_fast, read_text  # noqa: E402
 
 MODELS = ["sample_resnet", "resnet", "resnet_att", "resnet_scratch", "resnet_att_scratch"]
 # The seed's README: test accuracy after 10 epochs at 224 px on the full training set.
@@ -72,7 +72,8 @@ TINY = dict(image_size=32, epochs=1, train_subset=64, val_split=100, test_subset
 FROZEN_FULL = dict(FULL, no_augment=True)
 # The seed's scale on two CPU cores (issue 18): 224 px, all 45,000 training images, the seed's
 # augmentation, validation every epoch, the full test set. sample_resnet gets the seed's 10 epochs;
-# the fine-tuned ResNet-50s a fifth of them (1.85 h an epoch in float32 on 2 Xeon cores); the
+# the fine-tuned ResNet-50s a fifth of them (an epoch: 1.85 h in float32 on 2 Xeon cores, ~65 min in
+# bf16 on 2 Zen 4 cores); the
 # frozen rows are the cached-feature runs. Precision: see cpu_options().
 SEED_CPU = {
     "sample_resnet": dict(image_size=224, epochs=10, val_every=1),
@@ -110,7 +111,7 @@ def parse_args(argv):
                    help="ResNet-50 start of the four ResNet models (default: $RESNET50_WEIGHTS, else imagenet)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="train.py --precision (default: bf16 on a CPU with AMX, where it is ~2x faster; else auto)")
+                   help="train.py --precision (default: bf16 on a CPU where it is ~2x faster, AMX or AMD Zen 4; else auto)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the train.py runs (default: torch's, the cores)")
     p.add_argument("--adopt", nargs="+", default=[], metavar="DIR",
                    help="folders of finished train.py runs (.log + .csv) to take as rows when their model and "
@@ -145,13 +146,13 @@ CPU_SETTINGS = {
 
 def cpu_options(args, model):
     """This machine's speed options for one row's train.py: for the long CPU presets, bf16 autocast
-    where the CPU has AMX (ResNet-50 training 2.2x, sample_resnet 1.5x faster than float32 on a
-    2-core Xeon), float32 elsewhere (bf16 without AMX is slower), and that precision's fastest
-    setting from CPU_SETTINGS. Passed again at every resume: a run may move to another machine
+    where it is faster on this CPU (utils.cpu_bf16_is_fast: AMX, or AMD Zen 4; ResNet-50 training
+    about 2.2x float32's speed), float32 elsewhere, and that precision's fastest setting from
+    CPU_SETTINGS. Passed again at every resume: a run may move to another machine
     between sessions. --precision decides the precision."""
     if args.preset not in LONG_CPU_PRESETS or args.device == "cuda":
         return {"precision": args.precision} if args.precision else {}
-    precision = args.precision or ("bf16" if cpu_has_amx() else "fp32")
+    precision = args.precision or ("bf16" if cpu_bf16_is_fast() else "fp32")
     return {"precision": precision, **CPU_SETTINGS.get(precision, {}).get(model, {})}
 
 

@@ -145,15 +145,28 @@ def test_long_cpu_presets_get_this_machines_fastest_settings(monkeypatch):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import reproduce
     opts = lambda *argv, model="resnet_scratch": reproduce.cpu_options(reproduce.parse_args(list(argv)), model)
-    monkeypatch.setattr(reproduce, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(reproduce, "cpu_bf16_is_fast", lambda: True)
     assert opts("--preset", "seed-cpu") == {"precision": "bf16", "micro_batch": 64}
     assert opts("--preset", "seed-cpu", model="sample_resnet") == {"precision": "bf16", "compile": True}
     assert opts("--preset", "seed-cpu", model="resnet") == {"precision": "bf16"}  # cached features: no step to tune
     assert opts("--preset", "seed-cpu", "--precision", "fp32") == {"precision": "fp32", "micro_batch": 32}
     assert opts("--preset", "seed-cpu", "--device", "cuda") == {}
     assert opts("--preset", "tiny") == {} and opts("--preset", "tiny", "--precision", "bf16") == {"precision": "bf16"}
-    monkeypatch.setattr(reproduce, "cpu_has_amx", lambda: False)  # bf16 without AMX is slower
+    monkeypatch.setattr(reproduce, "cpu_bf16_is_fast", lambda: False)  # e.g. a Xeon without AMX
     assert opts("--preset", "seed-cpu") == {"precision": "fp32", "micro_batch": 32}
     # a resumed row is given the speed options again, the run's own ones (and no others) from its last.pth
     argv = reproduce.resume_argv("x/last.pth", {"epochs": 2, "compile": True}, {"weights": "w", "precision": "fp32"})
     assert argv == ["--resume", "x/last.pth", "--no-download", "--compile", "--precision", "fp32"]
+
+
+def test_bf16_is_chosen_on_the_cpus_where_it_was_measured_faster(monkeypatch):
+    import utils
+    def cpu(vendor, avx512_bf16, amx):
+        monkeypatch.setattr(utils, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(utils, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+        monkeypatch.setattr(utils, "cpu_has_amx", lambda: amx)
+        return utils.cpu_bf16_is_fast()
+    assert cpu("GenuineIntel", True, True)  # Sapphire Rapids: AMX
+    assert cpu("AuthenticAMD", True, False)  # Zen 4
+    assert not cpu("GenuineIntel", True, False)  # avx512_bf16 without AMX: bf16 0.8x
+    assert not cpu("AuthenticAMD", False, False)  # AVX2-only EPYC
