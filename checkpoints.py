@@ -445,7 +445,7 @@ def new_run_name(model, run_name, overwrite, out, log_dir, best_names):
     """A name no other run has, claimed by creating its checkpoint folder (two runs started in the
     same second must not both take it), unless ``run_name`` with ``overwrite`` asks to reuse one."""
     base = run_name or f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    logs = lambda n: [os.path.join(log_dir, f"{n}.{ext}") for ext in ("log", "csv", "png")]
+    logs = lambda n: [os.path.join(log_dir, n + end) for end in (".log", ".csv", ".png", "-confusion.png")]
     if run_name and overwrite:
         # start afresh: the old run's rows would mix into the new CSV and curves, and its
         # checkpoints would pass for the new run's until replaced

@@ -365,6 +365,7 @@ def run(args, ckpt, rt):
         tb.close()
     if rt.master:
         report.plot_curves(log_base + ".csv", log_base + ".png")
+        report.plot_confusion(confusion.cpu().numpy(), data.CLASSES, log_base + "-confusion.png")
     return 0
 
 

@@ -136,7 +136,9 @@ LONG_CPU_PRESETS = ("seed-cpu",)
 # with AMX, global batch 128, 224 px): bf16 sample_resnet compiled 61 img/s (eager 48); bf16
 # ResNet-50 in micro-batches of 64 20.6 img/s, 5.6 GB (whole: 18.5, 9.4 GB; compiled: no faster);
 # float32 in micro-batches of 32 is the fastest and smallest (ResNet-50 9.3 img/s, 5.7 GB; whole
-# batch 7.5 img/s, 19 GB).
+# batch 7.5 img/s, 19 GB). On a 2-core AMD Zen 4 (results/speed-cpu-2026120[23]-amd-epyc-zen4-2c*)
+# the same bf16 picks hold: ResNet-50 micro 64 11.7 img/s, 5.3 GB (whole 10.8, 8.8 GB);
+# sample_resnet compiled 1.04x eager, every bf16 setting within 30-33 img/s.
 CPU_SETTINGS = {
     "bf16": {"sample_resnet": dict(compile=True), "resnet_scratch": dict(micro_batch=64),
              "resnet_att_scratch": dict(micro_batch=64)},

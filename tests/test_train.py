@@ -320,6 +320,7 @@ def test_every_model_one_tiny_epoch(name, tmp_path, cifar_root):
     _, rows = read_csv(tmp_path / "log" / "tiny.csv")
     assert len(rows) == 1
     assert_real_png(tmp_path / "log" / "tiny.png")
+    assert_real_png(tmp_path / "log" / "tiny-confusion.png")  # the test set's, beside the curves
     ckpt = load(tmp_path / "ck" / "tiny" / BEST_NAMES[name])
     assert ckpt["model"]["name"] == name and ckpt["epoch"] == 1 and ckpt["image_size"] == 32
     rebuilt, _ = build_model(name, weights="none", stride_in_1x1=ckpt["model"]["stride_in_1x1"])
