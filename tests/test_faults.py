@@ -383,13 +383,13 @@ def test_overwrite_starts_the_named_run_afresh(tmp_path):
     base, ck = tmp_path / "log", tmp_path / "ck" / "x"
     base.mkdir()
     ck.mkdir(parents=True)
-    for path in [base / "x.log", base / "x.csv", base / "x.png", ck / "last.pth", ck / BEST]:
+    for path in [base / "x.log", base / "x.csv", base / "x.png", base / "x-confusion.png", ck / "last.pth", ck / BEST]:
         path.write_text("an older run\n")
     argv = [*TINY, "--out", str(tmp_path / "ck"), "--log-dir", str(base), "--run-name", "x"]
     with pytest.raises(UserError) as e:
         new_run_name(train.parse_args(argv)[0])
     assert e.value.exit_code == 2
-    assert len(os.listdir(base)) == 3  # refused: nothing touched
+    assert len(os.listdir(base)) == 4  # refused: nothing touched
     assert new_run_name(train.parse_args(argv + ["--overwrite"])[0]) == "x"
     # the old log, CSV and curves would mix with the new run's; old checkpoints would pass for its
     assert os.listdir(base) == [] and os.listdir(ck) == []
