@@ -171,6 +171,14 @@ def denormalise(x):
 # The figure
 
 
+def figure_title(checkpoint, info, has_cbam):
+    """The figure's title. It names the checkpoint by its run folder and file only: a whole path
+    (~/runs/<preset>/checkpoints/<run>/X.pth) is wider than a two-column figure and was cut off."""
+    shown = os.path.join(*os.path.normpath(checkpoint).split(os.sep)[-2:])
+    return (f"{info['name']}: {shown} (epoch {info['epoch']}, {info['image_size']} px)"
+            + ("" if has_cbam else "\nno CBAM blocks: Grad-CAM only"))
+
+
 def plot(results, info, title, path):
     plt = report.pyplot()
     classes = info["classes"]
@@ -210,7 +218,7 @@ def plot(results, info, title, path):
             ax[2 + k].set_xlim(0, 1)
             ax[2 + k].set_title(f"Mc {label}\n{len(mc) // len(results)} channels x {len(results)} images", fontsize=7)
             ax[2 + k].tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, wrap=True)
     report.save_figure(fig, path, dpi=80, note="")
 
 
@@ -224,9 +232,7 @@ def main(argv=None):
     for res in results:
         true = "" if res["true"] is None else f" (true {classes[res['true']]})"
         print(f"{res['caption']}{true}: predicted {classes[res['pred']]} {res['prob']:.3f}")
-    title = (f"{info['name']}: {args.checkpoint} (epoch {info['epoch']}, {info['image_size']} px)"
-             + ("" if results[0]["blocks"] else " - no CBAM blocks: Grad-CAM only"))
-    plot(results, info, title, args.out)
+    plot(results, info, figure_title(args.checkpoint, info, bool(results[0]["blocks"])), args.out)
     print(f"figure: {args.out}")
     return 0
 

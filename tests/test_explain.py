@@ -164,6 +164,17 @@ def test_explain_draws_a_checkpoint(two_runs, cifar_root, tmp_path):
     assert out.stat().st_size > 10_000 and colours(out) > 1000
 
 
+def test_figure_title_names_the_run_and_file_not_the_whole_path():
+    info = {"name": "ResNet_scratch", "epoch": 2, "image_size": 224}
+    path = os.path.join("/root", "runs", "seed-cpu", "checkpoints", "seed-cpu-resnet_scratch-seed0", "ResNet_scratch.pth")
+    title = explain.figure_title(path, info, has_cbam=False)
+    assert title.splitlines() == [
+        f"ResNet_scratch: {os.path.join('seed-cpu-resnet_scratch-seed0', 'ResNet_scratch.pth')} (epoch 2, 224 px)",
+        "no CBAM blocks: Grad-CAM only"]
+    assert explain.figure_title("Sample_ResNet.pth", info, has_cbam=True) == \
+        "ResNet_scratch: Sample_ResNet.pth (epoch 2, 224 px)"
+
+
 def test_compare_tables_two_runs(two_runs, tmp_path, monkeypatch, capsys):
     """In this process (a second interpreter costs more than the whole comparison); from another
     folder: the logs name their checkpoints relative to where train.py ran."""
