@@ -79,7 +79,9 @@ def main(argv=None):
         total = confusion[i].sum().item()
         print(f"{name:<12}{confusion[i, i].item():>8}{total:>8}{confusion[i, i].item() / max(total, 1):>10.4f}")
     png = args.confusion or os.path.splitext(args.checkpoint)[0] + "-confusion.png"
-    report.plot_confusion(confusion.numpy(), classes, png)
+    title = report.confusion_title(f"{report.checkpoint_label(args.checkpoint)} ({info['name']}, epoch "
+                                   f"{info['epoch']})", acc, confusion)
+    report.plot_confusion(confusion.numpy(), classes, png, title)
     print(f"confusion matrix: {png}")
     return 0
 

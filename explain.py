@@ -172,10 +172,8 @@ def denormalise(x):
 
 
 def figure_title(checkpoint, info, has_cbam):
-    """The figure's title. It names the checkpoint by its run folder and file only: a whole path
-    (~/runs/<preset>/checkpoints/<run>/X.pth) is wider than a two-column figure and was cut off."""
-    shown = os.path.join(*os.path.normpath(checkpoint).split(os.sep)[-2:])
-    return (f"{info['name']}: {shown} (epoch {info['epoch']}, {info['image_size']} px)"
+    """The figure's title: the model, its checkpoint by run folder and file, epoch and image size."""
+    return (f"{info['name']}: {report.checkpoint_label(checkpoint)} (epoch {info['epoch']}, {info['image_size']} px)"
             + ("" if has_cbam else "\nno CBAM blocks: Grad-CAM only"))
 
 

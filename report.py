@@ -2,7 +2,6 @@
 accuracy curves, the confusion matrix, live curves in TensorBoard, progress bars for every long
 phase, and the machine a figure was measured on; and reading a run's CSV and log back for the
 tables of compare.py and the benchmarks."""
-import contextlib
 import csv
 import logging
 import os
@@ -13,7 +12,7 @@ import time
 
 import torch
 
-from utils import UserError, cpu_has_amx, cpu_has_avx512_bf16
+from utils import UserError, cpu_has_amx, cpu_has_avx512_bf16, cpu_name
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 
@@ -120,23 +119,25 @@ def plot_curves(csv_path, png_path):
     save_figure(fig, png_path)
 
 
-def save_figure(fig, path, dpi=100, note="; the checkpoints are intact"):
+def save_figure(fig, path, dpi=100, note="; the checkpoints are intact", metadata=None):
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        fig.savefig(path, dpi=dpi, metadata=metadata)
     except OSError as e:
         raise cannot_write(path, e, note) from None
     finally:
         pyplot().close(fig)
 
 
-def confusion_figure(confusion, classes):
+def confusion_figure(confusion, classes, title=None):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
     for i in range(len(classes)):
         for j in range(len(classes)):
             ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
@@ -146,8 +147,20 @@ def confusion_figure(confusion, classes):
     return fig
 
 
-def plot_confusion(confusion, classes, path):
-    save_figure(confusion_figure(confusion, classes), path)
+def confusion_title(what, acc, confusion):
+    """What a confusion matrix shows: whose it is, and the accuracy and image count it adds up to."""
+    return f"{what}: test accuracy {acc:.4f} on {int(confusion.sum()):,} images"
+
+
+def plot_confusion(confusion, classes, path, title=None):
+    """The PNG; ``title`` is drawn above the matrix and kept as the PNG's "Title" text too."""
+    save_figure(confusion_figure(confusion, classes, title), path, metadata={"Title": title} if title else None)
+
+
+def checkpoint_label(path):
+    """A checkpoint named by its run folder and file only, e.g. "<run>/ResNet_att.pth": a whole path
+    (~/runs/<preset>/checkpoints/<run>/X.pth) is wider than a figure and was cut off."""
+    return os.path.join(*os.path.normpath(path).split(os.sep)[-2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,10 +369,7 @@ class EpochProgress:
 
 def machine_info():
     """CPU (model name, cores, instruction set), GPU, versions: what every measured figure names."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    cpu = cpu_name()
     cuda = torch.cuda.is_available()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "isa": torch.backends.cpu.get_cpu_capability() + (" + AVX512_BF16" if cpu_has_avx512_bf16() else "")

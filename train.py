@@ -365,7 +365,8 @@ def run(args, ckpt, rt):
         tb.close()
     if rt.master:
         report.plot_curves(log_base + ".csv", log_base + ".png")
-        report.plot_confusion(confusion.cpu().numpy(), data.CLASSES, log_base + "-confusion.png")
+        report.plot_confusion(confusion.cpu().numpy(), data.CLASSES, log_base + "-confusion.png",
+                              report.confusion_title(f"{run_name} ({args.model}, best checkpoint)", test_acc, confusion))
     return 0
 
 

@@ -203,12 +203,35 @@ def cpu_has_avx512_bf16():
     return _cpu_probe("_is_avx512_bf16_supported")
 
 
+def cpuinfo_fields(text=None):
+    """The first processor's fields of /proc/cpuinfo (or of ``text``, its contents): {} where there is
+    none (not Linux)."""
+    fields = {}
+    for line in (read_text("/proc/cpuinfo") if text is None else text).splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the blank line after the first processor
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_vendor():
     """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
-    return ""
+    return cpuinfo_fields().get("vendor_id", "")
+
+
+def cpu_name(fields=None):
+    """The CPU's model name with its family and model numbers, e.g. "Intel(R) Xeon(R) Processor
+    [family 6 model 207]". A virtual machine often shows only that generic name, and two such 2-core
+    Xeons with AMX ran the same benchmark 1.6x apart (benchmarks/cpu_speed.py, sample_resnet bf16
+    compiled: 61.1 img/s on 2026-12-02, 39.0 on 2026-12-06): the numbers tell them apart."""
+    fields = cpuinfo_fields() if fields is None else fields
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" [family {fields['cpu family']} model {fields['model']}]"
+    return name
 
 
 def _cpu_probe(name):

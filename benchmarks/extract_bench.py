@@ -12,7 +12,6 @@ and the share of CPU time spent in the kernel, which is where the page faults go
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -52,14 +51,6 @@ def measure(fmt, batch, tuned, size, seconds):
             "kernel_share": system / max(user + system, 1e-9)}
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=224)
@@ -72,6 +63,7 @@ def main(argv=None):
         print(json.dumps(measure(fmt, batch, tuned, args.image_size, args.seconds)))
         return 0
     import torch
+    from utils import cpu_name
     rows = []
     for i, (name, *_) in enumerate(ROWS):
         out = subprocess.run([sys.executable, __file__, "--row", str(i), "--image-size", str(args.image_size),

@@ -6,6 +6,7 @@ a Markdown + JSON table with the seed's test accuracy beside every row.
     python benchmarks/reproduce.py --preset full --weights imagenet     # the seed's settings (a GPU)
     python benchmarks/reproduce.py --preset cpu --weights $RESNET50_WEIGHTS   # 25-35 min on two CPU cores
     python benchmarks/reproduce.py --tiny                               # the plumbing only, seconds a model
+    python benchmarks/reproduce.py --preset seed-cpu --models resnet_scratch --epochs 4 ...   # a longer row
 
 It can be stopped at any moment (^C, kill, the end of a session) and run again with the same
 command: every row's run has a fixed name, <preset>-<model>-seed<seed>, so a second call
@@ -104,6 +105,9 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--tiny", action="store_true", help="same as --preset tiny: 64 images, 1 epoch (tests)")
     p.add_argument("--models", nargs="+", choices=MODELS, help="default: the preset's models")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="train the rows for N epochs instead of the preset's: a table and runs of their own, "
+                        "named <preset>-<N>ep (e.g. the fine-tuned seed-cpu rows beyond their 2 epochs)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
                    help="train each model once per seed (train.py --seed); the table shows mean ± std")
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_ROOT", "cifar"))
@@ -122,6 +126,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs {args.epochs}: at least 1")
+    args.table = args.preset + (f"-{args.epochs}ep" if args.epochs else "")  # names the runs and the table
     args.models = args.models or list(PRESETS[args.preset])
     missing = [m for m in args.models if m not in PRESETS[args.preset]]
     if missing:
@@ -162,9 +169,9 @@ def cpu_options(args, model):
 # One run of train.py
 
 
-def run_name(preset, model, seed):
+def run_name(table, model, seed):
     """A row's fixed run name: the same command finds its run again."""
-    return f"{preset}-{model}-seed{seed}"
+    return f"{table}-{model}-seed{seed}"
 
 
 def train_argv(model, opts, name, common):
@@ -252,7 +259,7 @@ class Row:
 
     def __init__(self, model, seed, opts, args):
         self.model, self.seed, self.opts = model, seed, opts
-        self.name = run_name(args.preset, model, seed)
+        self.name = run_name(args.table, model, seed)
         self.log_base = os.path.join(args.log_dir, self.name)
         self.last = os.path.join(args.checkpoints, self.name, checkpoints.LAST)
         self.lock_path = self.log_base + ".lock"
@@ -408,7 +415,8 @@ def row_status(r):
 
 def markdown(rows, meta):
     short = meta["machine"]["gpu"] or f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores"
-    lines = [f"# Results: preset `{meta['preset']}`", "",
+    epochs = f", {meta['epochs']} epochs" if meta.get("epochs") else ""
+    lines = [f"# Results: preset `{meta['preset']}`{epochs}", "",
              f"Machine of this call: {machine_line(meta['machine'])}. Date: {meta['date']}.", "",
              "Command (run it again to continue: finished rows are kept, interrupted ones resume):", "",
              "```", meta["command"], "```", "",
@@ -446,7 +454,7 @@ def markdown(rows, meta):
 def write_table(rows, meta, out_dir):
     """-> the .md path; the .json beside it holds the rows, settings and machine."""
     os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, meta["preset"])
+    base = os.path.join(out_dir, meta["table"])
     for ext, text in ((".md", markdown(rows, meta)), (".json", json.dumps({**meta, "rows": rows}, indent=2))):
         tmp = base + ext + ".tmp"
         with open(tmp, "w") as f:
@@ -467,11 +475,13 @@ def main(argv=None):
               "log_dir": args.log_dir, "out": args.checkpoints}
     row_common = lambda row: {**common, **options[row.model]}  # this machine's speed options last
     os.makedirs(args.log_dir, exist_ok=True)
-    meta = {"preset": args.preset, "command": "python benchmarks/reproduce.py " + shlex.join(argv),
+    meta = {"preset": args.preset, "epochs": args.epochs, "table": args.table,
+            "command": "python benchmarks/reproduce.py " + shlex.join(argv),
             "machine": machine_info(), "weights": args.weights, "train_pool": 50000, "threads": args.threads,
             "options": options, "date": time.strftime("%Y-%m-%d %H:%M")}
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    rows = [Row(model, seed, dict(PRESETS[args.preset][model], **({"seed": seed} if args.seeds != [0] else {})), args)
+    rows = [Row(model, seed, dict(PRESETS[args.preset][model], **({"seed": seed} if args.seeds != [0] else {}),
+                                  **({"epochs": args.epochs} if args.epochs else {})), args)
             for model in args.models for seed in args.seeds]
     for row in rows:
         if not row.done():

@@ -110,6 +110,20 @@ def test_kill9_of_the_driver_then_the_same_command_finishes_exactly(tmp_path, ci
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_more_epochs_than_the_presets_are_a_run_and_a_table_of_their_own(tmp_path, cifar_root):
+    # e.g. the fine-tuned seed-cpu rows beyond their 2 epochs: the preset's own runs and table stay
+    res = reproduce(driver(tmp_path), args(tmp_path, cifar_root, "--epochs", "2"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert not (tmp_path / "results" / "tiny.json").exists()
+    meta = json.loads((tmp_path / "results" / "tiny-2ep.json").read_text())
+    (row,) = meta["rows"]
+    assert row["run"] == "tiny-2ep-sample_resnet-seed0" and row["status"] == "done" and row["epochs_done"] == 2
+    assert ", 2 epochs" in (tmp_path / "log" / "tiny-2ep-sample_resnet-seed0.log").read_text().splitlines()[0]
+    assert "# Results: preset `tiny`, 2 epochs" in (tmp_path / "results" / "tiny-2ep.md").read_text()
+    bad = reproduce(driver(tmp_path), args(tmp_path, cifar_root, "--epochs", "0"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--epochs 0: at least 1")
+
+
 def test_an_unreadable_last_pth_restarts_the_row_with_a_warning(tmp_path, cifar_root):
     script = driver(tmp_path)
     last = tmp_path / "ck" / "tiny-sample_resnet-seed0" / "last.pth"
@@ -170,3 +184,26 @@ def test_bf16_is_chosen_on_the_cpus_where_it_was_measured_faster(monkeypatch):
     assert cpu("AuthenticAMD", True, False)  # Zen 4
     assert not cpu("GenuineIntel", True, False)  # avx512_bf16 without AMX: bf16 0.8x
     assert not cpu("AuthenticAMD", False, False)  # AVX2-only EPYC
+
+
+def cpuinfo(vendor, family, model, name):
+    """Two processors of a /proc/cpuinfo, as a 2-core VM shows them."""
+    one = (f"processor\t: {{}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+           f"model name\t: {name}\nflags\t\t: fpu avx512f\n")
+    return one.format(0) + "\n" + one.format(1).replace(name, "the second core")
+
+
+def test_two_cpus_behind_one_generic_name_are_told_apart(monkeypatch):
+    # Two 2-core Xeons named only "Intel(R) Xeon(R) Processor" ran cpu_speed.py 1.6x apart: every
+    # figure's machine line carries the family and model numbers, from the first processor alone.
+    import report
+    import utils
+    xeon = "Intel(R) Xeon(R) Processor"
+    sapphire = utils.cpu_name(utils.cpuinfo_fields(cpuinfo("GenuineIntel", 6, 143, xeon)))
+    emerald = utils.cpu_name(utils.cpuinfo_fields(cpuinfo("GenuineIntel", 6, 207, xeon)))
+    assert sapphire == f"{xeon} [family 6 model 143]" and emerald == f"{xeon} [family 6 model 207]"
+    assert utils.cpuinfo_fields(cpuinfo("AuthenticAMD", 25, 17, "AMD EPYC 9R14"))["vendor_id"] == "AuthenticAMD"
+    assert utils.cpu_name({"model name": "Some ARM core"}) == "Some ARM core"  # no numbers: the name alone
+    assert utils.cpuinfo_fields("") == {} and utils.cpu_name({})  # not Linux: still a name
+    monkeypatch.setattr(report, "cpu_name", lambda: emerald)
+    assert report.machine_line(report.machine_info()).startswith(f"{xeon} [family 6 model 207] (")
