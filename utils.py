@@ -225,8 +225,9 @@ def cpu_vendor():
 def cpu_name(fields=None):
     """The CPU's model name with its family and model numbers, e.g. "Intel(R) Xeon(R) Processor
     [family 6 model 207]". A virtual machine often shows only that generic name, and two such 2-core
-    Xeons with AMX ran the same benchmark 1.6x apart (benchmarks/cpu_speed.py, sample_resnet bf16
-    compiled: 61.1 img/s on 2026-12-02, 39.0 on 2026-12-06): the numbers tell them apart."""
+    Xeons with AMX ran the same benchmark 1.6x apart (benchmarks/cpu_speed.py, sample_resnet's bf16
+    whole-batch step: 48.1 img/s on 2026-12-02, 30.6 on 2026-12-06; results/speed-cpu-2026120[26]-*):
+    the numbers tell them apart."""
     fields = cpuinfo_fields() if fields is None else fields
     name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
     if fields.get("cpu family") and fields.get("model"):
