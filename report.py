@@ -148,8 +148,9 @@ def confusion_figure(confusion, classes, title=None):
 
 
 def confusion_title(what, acc, confusion):
-    """What a confusion matrix shows: whose it is, and the accuracy and image count it adds up to."""
-    return f"{what}: test accuracy {acc:.4f} on {int(confusion.sum()):,} images"
+    """What a confusion matrix shows: whose it is, and the accuracy and image count it adds up to, on two
+    lines (one was wider than the figure for a seed-scale run's name and was cut off)."""
+    return f"{what}:\ntest accuracy {acc:.4f} on {int(confusion.sum()):,} images"
 
 
 def plot_confusion(confusion, classes, path, title=None):

@@ -236,7 +236,7 @@ def test_evaluate_prints_train_accuracy_table_and_confusion(e2e, cifar_root):
     assert len(png) == 1
     assert_real_png(png[0])
     run, file = best_path.parts[-2:]
-    assert Image.open(png[0]).text["Title"] == (f"{run}/{file} (sample_resnet, epoch {load(best_path)['epoch']}): "
+    assert Image.open(png[0]).text["Title"] == (f"{run}/{file} (sample_resnet, epoch {load(best_path)['epoch']}):\n"
                                                 f"test accuracy {printed_test_acc(out)} on {total:,} images")
 
 
@@ -326,7 +326,7 @@ def test_every_model_one_tiny_epoch(name, tmp_path, cifar_root):
     assert_real_png(tmp_path / "log" / "tiny-confusion.png")  # the test set's, beside the curves
     # its title (drawn, and kept as the PNG's Title text) names the run and the printed accuracy
     assert Image.open(tmp_path / "log" / "tiny-confusion.png").text["Title"] == (
-        f"tiny ({name}, best checkpoint): test accuracy {printed_test_acc(proc.stdout)} on 10 images")  # TINY's
+        f"tiny ({name}, best checkpoint):\ntest accuracy {printed_test_acc(proc.stdout)} on 10 images")  # TINY's
     ckpt = load(tmp_path / "ck" / "tiny" / BEST_NAMES[name])
     assert ckpt["model"]["name"] == name and ckpt["epoch"] == 1 and ckpt["image_size"] == 32
     rebuilt, _ = build_model(name, weights="none", stride_in_1x1=ckpt["model"]["stride_in_1x1"])
