@@ -28,3 +28,22 @@ def test_cpu_speed_reports_a_failed_setting_in_its_row():
     bad = cpu_speed.measure(dict(model="sample_resnet", precision="fp32", micro=None, compile=False, image_size=0,
                                  batch=4, steps=1, warmup=0), timeout=120)
     assert "error" in bad and bad["error"]
+
+
+def test_the_whole_batch_is_compiled_beside_the_fastest_eager_setting():
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, f"{ROOT}/benchmarks")
+    import cpu_speed
+
+    def row(precision, micro, img_s, gb):
+        return dict(model="m", precision=precision, micro=micro, compile=False, img_s=img_s, peak_rss_gb=gb)
+    # the Dec-06 Xeon's sample_resnet: bf16 in micro-batches of 64 was the fastest eager setting
+    rows = [row("fp32", None, 25.8, 6.9), row("bf16", None, 30.6, 4.2), row("bf16", 64, 36.1, 2.6),
+            row("bf16", 32, 24.5, 1.9)]
+    assert cpu_speed.compiled_settings(rows, 7.8) == [dict(model="m", precision="bf16", micro=64, compile=True),
+                                                      dict(model="m", precision="bf16", micro=None, compile=True)]
+    # a whole batch that does not fit is not compiled either; one that already won is compiled once
+    assert cpu_speed.compiled_settings(rows, 3.0) == [dict(model="m", precision="bf16", micro=64, compile=True)]
+    assert cpu_speed.compiled_settings(rows[:2], 7.8) == [dict(model="m", precision="bf16", micro=None, compile=True)]
+    assert cpu_speed.compiled_settings([{**rows[0], "error": "x"}], 7.8) == []
