@@ -154,20 +154,19 @@ def main(argv=None):
     limit = machine_memory_gb() * args.memory_share
     common = dict(image_size=args.image_size, batch=args.batch, steps=args.steps, warmup=args.warmup)
     rows, picks = [], {}
+
+    def measure_and_show(setting, progress=""):
+        cfg = {**common, **setting}
+        print(f"cpu_speed: {setting['model']} {label(cfg)}{progress}", flush=True)
+        rows.append({**cfg, **measure(cfg, args.timeout)})
+        print(f"  {json.dumps({k: v for k, v in rows[-1].items() if k not in common and k != 'model'})}", flush=True)
+
     for model in args.models:
         todo = settings(args, model)
         for i, s in enumerate(todo):
-            cfg = {**common, **s}
-            print(f"cpu_speed: {model} {label(cfg)} ({i + 1}/{len(todo)})", flush=True)
-            rows.append({**cfg, **measure(cfg, args.timeout)})
-            print(f"  {json.dumps({k: v for k, v in rows[-1].items() if k not in common and k != 'model'})}",
-                  flush=True)
+            measure_and_show(s, f" ({i + 1}/{len(todo)})")
         for s in [] if args.no_compile else compiled_settings([r for r in rows if r["model"] == model], limit):
-            cfg = {**common, **s}
-            print(f"cpu_speed: {model} {label(cfg)}", flush=True)
-            rows.append({**cfg, **measure(cfg, args.timeout)})
-            print(f"  {json.dumps({k: v for k, v in rows[-1].items() if k not in common and k != 'model'})}",
-                  flush=True)
+            measure_and_show(s)
         picks[model] = pick([r for r in rows if r["model"] == model], limit)
     meta = {"machine": machine_info(), "memory_gb": machine_memory_gb(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python benchmarks/cpu_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
