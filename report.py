@@ -137,7 +137,7 @@ def confusion_figure(confusion, classes, title=None):
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted"), ax.set_ylabel("true")
     if title:
-        ax.set_title(title, fontsize=9, wrap=True)
+        ax.set_title(title, fontsize=9)
     for i in range(len(classes)):
         for j in range(len(classes)):
             ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
