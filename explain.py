@@ -172,8 +172,9 @@ def denormalise(x):
 
 
 def figure_title(checkpoint, info, has_cbam):
-    """The figure's title: the model, its checkpoint by run folder and file, epoch and image size."""
-    return (f"{info['name']}: {report.checkpoint_label(checkpoint)} (epoch {info['epoch']}, {info['image_size']} px)"
+    """The figure's title: the model, then its checkpoint by run folder and file, epoch and image size on
+    a line of their own (on one line a seed-scale run's title was wider than the figure and cut off)."""
+    return (f"{info['name']}:\n{report.checkpoint_label(checkpoint)} (epoch {info['epoch']}, {info['image_size']} px)"
             + ("" if has_cbam else "\nno CBAM blocks: Grad-CAM only"))
 
 

@@ -169,10 +169,11 @@ def test_figure_title_names_the_run_and_file_not_the_whole_path():
     path = os.path.join("/root", "runs", "seed-cpu", "checkpoints", "seed-cpu-resnet_scratch-seed0", "ResNet_scratch.pth")
     title = explain.figure_title(path, info, has_cbam=False)
     assert title.splitlines() == [
-        f"ResNet_scratch: {os.path.join('seed-cpu-resnet_scratch-seed0', 'ResNet_scratch.pth')} (epoch 2, 224 px)",
+        "ResNet_scratch:",
+        f"{os.path.join('seed-cpu-resnet_scratch-seed0', 'ResNet_scratch.pth')} (epoch 2, 224 px)",
         "no CBAM blocks: Grad-CAM only"]
     assert explain.figure_title("Sample_ResNet.pth", info, has_cbam=True) == \
-        "ResNet_scratch: Sample_ResNet.pth (epoch 2, 224 px)"
+        "ResNet_scratch:\nSample_ResNet.pth (epoch 2, 224 px)"
 
 
 def test_compare_tables_two_runs(two_runs, tmp_path, monkeypatch, capsys):
