@@ -181,6 +181,9 @@ def args_problem(args, model_name, image_size, parser=None):
             return f"its args' {action.option_strings[0]} {reprlib.repr(value)} is not a value train.py takes"
     if not 0 <= args["seed"] < 2**64:  # what torch.manual_seed and numpy's generators take
         return f"its args' --seed {args['seed']} is not from 0 to 2**64 - 1"
+    split_seed = args.get("split_seed")  # evaluate.py draws the test subset with it
+    if split_seed is not None and not (count(split_seed) and 0 <= split_seed < 2**64):
+        return f"its args' --split-seed {reprlib.repr(split_seed)} is not from 0 to 2**64 - 1"
     test_subset = args.get("test_subset")
     if test_subset is not None and not (count(test_subset) and 0 < test_subset <= 10000):  # 0 would test nothing
         return f"its args' --test-subset {reprlib.repr(test_subset)} is not from 1 to 10,000"

@@ -1,6 +1,16 @@
-"""Runs side by side: their loss and accuracy curves in one figure, one Markdown table row per run.
+"""Runs side by side, and which of their differences are real.
 
     python compare.py log/sample_resnet-20261127-101500.csv log/resnet_att-20261127-103000.csv --out runs.png
+    python compare.py results/<dir>/*.csv              # the committed rows: no checkpoint needed
+    python compare.py checkpoints/<run>/ResNet_att-test.npz ...   # evaluate.py's predictions alone
+
+Printed as Markdown: one row per run; then, from the per-image test predictions each run wrote
+beside its CSV (log/<run>-test.npz; report.read_predictions), how sure the comparison is (stats.py):
+each run's test accuracy with its 95% Wilson interval; for every two runs tested on the same
+images, the change in accuracy, the images only one of them gets right, McNemar's exact p-value and
+a 95% paired-bootstrap interval (10,000 resamples, a fixed seed: the same table every time); runs
+that differ only in --seed grouped as one setting (n, mean ± std, min-max), and two such settings
+compared by the paired t-test of their seeds (same seeds) or Welch's t-test; and all of it in words.
 
 A run is train.py's log/<run>.csv, with the log/<run>.log beside it and the checkpoints that log
 names. The table (stdout) has, per run: model, train accuracy of the last epoch, best validation
@@ -9,21 +19,28 @@ images (from the run's arguments in its checkpoint), training wall time (the epo
 summed: training steps only, not data loading, validation or test) and training images/s (a frozen
 model trained on cached features, --no-augment: its head's; the backbone ran once, before). What
 cannot be known yet (a run still going has no test accuracy; a deleted checkpoint, no arguments)
-is printed as "running" or an em dash, and said on stderr.
+is printed as "running" or an em dash, and said on stderr; so is a run without predictions (it
+gets no interval or test), and two runs on different test images (no paired test).
 """
 import argparse
+import json
 import os
 import sys
 
+import numpy as np
+
 import checkpoints
 import report
+import stats
 from utils import Parser, UserError, read_text, run_cli
 
 MISSING = "\u2014"  # an em dash: not known
 
 def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv", nargs="+", metavar="LOG.csv", help="train.py's per-epoch CSV of each run")
+    p.add_argument("csv", nargs="+", metavar="LOG.csv",
+                   help="train.py's per-epoch CSV of each run (its predictions <run>-test.npz beside it), or a "
+                        "predictions file (.npz) of evaluate.py or train.py alone")
     p.add_argument("--out", metavar="PNG", help="the curves figure (default: the table only)")
     args = p.parse_args(argv)
     if args.out and not args.out.lower().endswith(".png"):
@@ -60,8 +77,20 @@ def find_checkpoint(log_path, info):
     return None
 
 
+def read_predictions_beside(csv_path, name):
+    """The predictions train.py wrote beside the run's CSV, or None (said on stderr)."""
+    path = report.predictions_path(os.path.splitext(csv_path)[0])
+    if not os.path.isfile(path):
+        warn(f"{name}: no predictions {path}: no interval or paired test for it (train.py writes them at the "
+             f"end of a run; evaluate.py CHECKPOINT writes them for an older run)")
+        return None
+    return report.read_predictions(path)
+
+
 def run_row(csv_path):
-    """One run -> (name, table cells, epochs rows); what is missing is said on stderr."""
+    """One run -> (name, table cells, epochs rows, predictions or None); what is missing is said on stderr."""
+    if csv_path.endswith(".npz"):
+        return predictions_row(csv_path)
     rows = report.read_csv(csv_path)
     name = os.path.splitext(os.path.basename(csv_path))[0]
     log_path = os.path.splitext(csv_path)[0] + ".log"
@@ -92,6 +121,7 @@ def run_row(csv_path):
         fmt(figures["train_acc"], ".4f"),
         fmt(figures["best_val_acc"], ".4f"),
         fmt(test, ".4f") if test is not None else ("running" if info else MISSING),
+        MISSING,  # the interval: from the predictions (add_intervals)
         fmt(figures["trainable_params"], ","),
         (str(done) if planned in (None, done) else f"{done} of {planned}"),
         info.get("size", str(args["image_size"]) if "image_size" in args else MISSING),
@@ -99,20 +129,163 @@ def run_row(csv_path):
         duration(figures["train_s"]) if rows else MISSING,
         fmt(figures["train_img_s"], ",.0f") + (" (head, cached features)" if info.get("cached") else ""),
     ]
-    return name, cells, rows
+    return name, cells, rows, read_predictions_beside(csv_path, name) if info.get("test_acc") is not None else None
+
+
+def predictions_row(path):
+    """A predictions file alone (evaluate.py's, or a run's without its CSV): the cells it can fill."""
+    pred = report.read_predictions(path)
+    meta, settings = pred["meta"], pred["meta"].get("settings") or {}
+    name = str(meta.get("run") or os.path.splitext(os.path.basename(path))[0])
+    checkpoint = str(meta.get("checkpoint") or "")
+    if checkpoint:  # evaluate.py's are <run>/<file>.pth already, train.py's the file alone
+        name = checkpoint if "/" in checkpoint else f"{name}/{checkpoint}"
+    cells = [name, str(settings.get("model", MISSING)), MISSING, MISSING, f"{pred['correct'].mean():.4f}", MISSING,
+             MISSING, str(meta.get("epoch", MISSING)), str(settings.get("image_size", MISSING)),
+             fmt_count(settings.get("train_subset") or (50000 - settings["val_split"] if settings.get("val_split")
+                                                          else None)), MISSING, MISSING]
+    return name, cells, [], pred
+
+
+def fmt_count(v):
+    return MISSING if v is None else f"{v:,}"
+
+
+def add_intervals(runs):
+    """Each run's 95% Wilson interval of its test accuracy, from its predictions, into its cells."""
+    for name, cells, _, pred in runs:
+        if pred is not None:
+            low, high = stats.wilson_interval(pred["correct"].sum(), len(pred["correct"]))
+            cells[5] = f"[{low:.4f}, {high:.4f}] ({len(pred['correct']):,} images)"
 
 
 def duration(s):
     return f"{s:.1f} s" if s < 60 else report.format_seconds(s)
 
 
-HEADER = ["run", "model", "train acc (last epoch)", "best val acc", "test acc", "trainable params", "epochs",
+HEADER = ["run", "model", "train acc (last epoch)", "best val acc", "test acc", "95% CI (Wilson)", "trainable params",
+          "epochs",
           "image size", "train images", "train wall time", "train img/s"]
 
 
-def table(rows):
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(HEADER) - 2)) + "|"]
+def table(rows, header=HEADER, left=2):
+    """A Markdown table: the first ``left`` columns left-aligned, the others (figures) right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# Which differences are real
+
+
+def same_images(a, b):
+    """None when the two predictions are of the same test images (data set, classes, indices and
+    labels), else why not, in a few words."""
+    ma, mb = a["meta"], b["meta"]
+    if ma["dataset"] != mb["dataset"] or ma["classes"] != mb["classes"]:
+        return f"other data sets ({ma['dataset']}, {len(ma['classes'])} classes against {mb['dataset']}, " \
+               f"{len(mb['classes'])} classes)"
+    if len(a["indices"]) != len(b["indices"]):
+        return f"{len(a['indices']):,} against {len(b['indices']):,} test images"
+    if not np.array_equal(a["indices"], b["indices"]):
+        return f"other test images (subsets of {len(a['indices']):,} drawn with other seeds)"
+    if not np.array_equal(a["labels"], b["labels"]):
+        return "the same image indices with other labels (another data set's files?)"
+    return None
+
+
+def paired_tests(runs):
+    """-> (table rows, sentences) for every two runs with predictions; a pair on different
+    images is refused, one line on stderr each."""
+    rows, words = [], []
+    with_pred = [(name, pred) for name, _, _, pred in runs if pred is not None]
+    for i, (name_a, a) in enumerate(with_pred):
+        for name_b, b in with_pred[i + 1:]:
+            why = same_images(a, b)
+            if why:
+                warn(f"{name_a} vs {name_b}: no paired test, they were not tested on the same images ({why})")
+                continue
+            t = stats.paired(a["correct"], b["correct"])
+            rows.append([name_a, name_b, f"{t.n:,}", f"{100 * t.delta:+.2f}", f"{t.only_a:,}", f"{t.only_b:,}",
+                         stats.format_p(t.p_value), f"[{100 * t.ci[0]:+.2f}, {100 * t.ci[1]:+.2f}]"])
+            words.append(stats.verdict(name_a, name_b, t.delta, t.ci, t.p_value))
+    return rows, words
+
+
+PAIRED_HEADER = ["A", "B", "images", "Δ acc A−B (points)", "only A right", "only B right", "p (McNemar exact)",
+                 "95% CI of Δ (paired bootstrap)"]
+
+
+def setting_groups(runs):
+    """Runs with predictions grouped by their settings (all of train.py's options that shape the
+    result, report.SETTINGS, but the seed) and test images -> [(label, [(seed, accuracy)])]."""
+    groups = {}
+    for name, _, _, pred in runs:
+        if pred is None:
+            continue
+        meta = pred["meta"]
+        key = json.dumps([meta.get("settings"), meta["dataset"], pred["indices"].tolist()], sort_keys=True)
+        members = groups.setdefault(key, [])
+        if any(seed == meta.get("seed") for seed, _, _ in members):
+            warn(f"{name}: the same setting and seed ({meta.get('seed')}) as a run before it: counted once among "
+                 f"the seeds")
+            continue
+        members.append((meta.get("seed"), float(pred["correct"].mean()), meta.get("settings") or {}))
+    return [(group_label(members[0][2], [g[0][2] for g in groups.values()]), [(s, acc) for s, acc, _ in members])
+            for members in groups.values()]
+
+
+def group_label(settings, all_settings):
+    """The model's name, with the settings in which it differs from another group of the same model."""
+    model = settings.get("model", "?")
+    same_model = [s for s in all_settings if s.get("model") == model]
+    differ = sorted({k for s in same_model for k in set(s) | set(settings) if s.get(k) != settings.get(k)})
+    return model + (f" ({', '.join(f'{k}={settings.get(k)}' for k in differ)})" if differ else "")
+
+
+def seed_tables(groups):
+    """-> (rows of the settings with 2 seeds or more, rows of setting-against-setting tests, sentences)."""
+    several = [(label, members) for label, members in groups if len(members) >= 2]
+    spread_rows = []
+    for label, members in several:
+        s = stats.spread([acc for _, acc in members])
+        spread_rows.append([label, str(s.n), f"{s.mean:.4f} ± {s.std:.4f}", f"{s.low:.4f}–{s.high:.4f}",
+                            ", ".join(str(seed) for seed, _ in members)])
+    test_rows, words = [], []
+    for i, (label_a, a) in enumerate(several):
+        for label_b, b in several[i + 1:]:
+            d = stats.group_difference([acc for _, acc in a], [acc for _, acc in b], [s for s, _ in a],
+                                       [s for s, _ in b])
+            name_a, name_b = f"{label_a} (n={len(a)})", f"{label_b} (n={len(b)})"
+            test_rows.append([name_a, name_b, d.test, f"{100 * d.delta:+.2f}",
+                              f"[{100 * d.ci[0]:+.2f}, {100 * d.ci[1]:+.2f}]", stats.format_p(d.p_value)])
+            words.append(stats.verdict(name_a, name_b, d.delta, d.ci, d.p_value))
+    return spread_rows, test_rows, words
+
+
+SPREAD_HEADER = ["setting", "n", "test acc mean ± std", "min–max", "seeds"]
+GROUP_HEADER = ["A", "B", "test", "Δ mean acc A−B (points)", "95% CI of Δ", "p"]
+
+
+def significance_report(runs):
+    """The Markdown sections after the runs' table: paired tests, seeds, and the sentences."""
+    paired_rows, words = paired_tests(runs)
+    spread_rows, group_rows, group_words = seed_tables(setting_groups(runs))
+    parts = []
+    if paired_rows:
+        parts += [f"Paired tests on the same test images: McNemar's exact test on the images only one run gets "
+                  f"right, and a 95% interval of Δ from {stats.BOOTSTRAP_RESAMPLES:,} paired bootstrap resamples "
+                  f"(seed {stats.BOOTSTRAP_SEED}).", "", table(paired_rows, PAIRED_HEADER)]
+    if spread_rows:
+        parts += ["", "Seeds of one setting (test accuracy; std over seeds, n - 1):", "",
+                  table(spread_rows, SPREAD_HEADER, left=1)]
+    if group_rows:
+        parts += ["", "Setting against setting, over their seeds (paired t-test when both have the same seeds, "
+                      "else Welch's t-test):", "", table(group_rows, GROUP_HEADER, left=3)]
+    if words or group_words:
+        parts += ["", f"In words (a difference is called real at p < {stats.SIGNIFICANCE}):", ""]
+        parts += [f"- {w}" for w in words + group_words]
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,9 +317,13 @@ def plot(runs, path):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     runs = [run_row(path) for path in args.csv]  # every file read before any output
-    print(table([cells for _, cells, _ in runs]))
+    add_intervals(runs)
+    print(table([cells for _, cells, _, _ in runs]))
+    more = significance_report(runs)
+    if more:
+        print("\n" + more)
     if args.out:
-        plot([(name, rows) for name, _, rows in runs], args.out)
+        plot([(name, rows) for name, _, rows, _ in runs if rows], args.out)
         print(f"\ncurves: {args.out}")
     return 0
 

@@ -25,6 +25,8 @@ from utils import UserError, first_line
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: the pretrained backbones expect them
 STD = (0.229, 0.224, 0.225)
+TEST_IMAGES = 10000  # CIFAR-10's test set
+DATASET = "cifar10"  # names the test set in the predictions files (report.save_predictions)
 CROP_SCALE = (0.8, 1.0)  # the seed's RandomResizedCrop(scale=(0.8, 1.0), ratio=(1, 1))
 
 # Official md5 of the CIFAR-10 binary version (the same values cifar-10-binary.tar.gz unpacks to).
@@ -465,13 +467,15 @@ class PILLoader(DataLoader):
 def get_loaders(data_dir="cifar", batch_size=128, image_size=224, device="cpu", workers=2,
                 val_split=5000, train_subset=None, test_subset=None, seed=0, download=True,
                 data_path="tensor", augment=True, eval_batch_size=None, rank=0, world_size=1,
-                channels_last=False, shuffle_train=True):
+                channels_last=False, shuffle_train=True, split_seed=None):
     """{'train', 'val', 'test'} loaders over the splits; 'val' is None when val_split is 0.
 
     ``batch_size`` is the global batch: under DDP each of ``world_size`` ranks gets its slice.
     ``shuffle_train=False`` gives every training image once, in order (to cache features).
+    ``seed`` draws the batches and augmentations, and the splits unless ``split_seed`` is given.
     """
-    splits = get_splits(data_dir, val_split, train_subset, test_subset, seed, download)
+    splits = get_splits(data_dir, val_split, train_subset, test_subset, seed if split_seed is None else split_seed,
+                        download)
     if len(splits["train"][1]) < batch_size:
         raise UserError(f"--batch-size {batch_size} is larger than the {len(splits['train'][1])} training images", exit_code=2)
 
@@ -490,6 +494,19 @@ def get_loaders(data_dir="cifar", batch_size=128, image_size=224, device="cpu", 
             for name, split in splits.items()}
 
 
+def split_seed(run_args):
+    """The seed a run's splits are drawn with (train.py --split-seed, else --seed), from its
+    arguments as a dict (a checkpoint's "args", or vars(args))."""
+    chosen = run_args.get("split_seed")
+    return run_args["seed"] if chosen is None else chosen
+
+
+def test_indices(test_subset=None, seed=0, n_test=TEST_IMAGES):
+    """Which of the test images a run tests on, in order: all, or its seeded --test-subset. Stored
+    with every run's predictions, so two runs are compared on the same images only."""
+    return subset(np.arange(n_test), test_subset, seed)
+
+
 def get_splits(data_dir="cifar", val_split=5000, train_subset=None, test_subset=None, seed=0, download=True):
     """{'train', 'val', 'test'}: (uint8 images (N, 32, 32, 3), int64 labels); 'val' is None when
     val_split is 0. The validation images are a seeded class-balanced hold-out of the training set."""
@@ -499,7 +516,7 @@ def get_splits(data_dir="cifar", val_split=5000, train_subset=None, test_subset=
     else:
         train_idx, val_idx = np.arange(len(train_y)), None
     train_idx = subset(train_idx, train_subset, seed)
-    test_idx = subset(np.arange(len(test_y)), test_subset, seed)
+    test_idx = test_indices(test_subset, seed, len(test_y))
     return {
         "train": (train_x[train_idx], train_y[train_idx]),
         "val": None if val_idx is None else (train_x[val_idx], train_y[val_idx]),

@@ -176,13 +176,16 @@ class Stopped(Exception):
         return self.args[0]
 
 
-def evaluate(net, loader, device, autocast, num_classes=10, stop=None):
+def evaluate(net, loader, device, autocast, num_classes=10, stop=None, keep_predictions=False):
     """(mean loss, accuracy, confusion matrix [true, predicted] on the CPU) over every sample of
     ``loader`` exactly once. Loss and confusion accumulate on the device (a scatter-add, which
     unlike ``bincount`` needs no host sync on CUDA); under DDP each rank holds a disjoint share and
     the sums are reduced. ``stop`` (utils.StopSignals): raise Stopped before the next batch once
-    a stop signal arrived."""
+    a stop signal arrived. ``keep_predictions``: a fourth item, (probabilities float16 (N, classes),
+    predicted classes (N,), labels (N,)) on the CPU, in the loader's order over all ranks (what
+    report.save_predictions writes)."""
     net.eval()
+    kept = []  # per batch: (softmax probabilities, predicted classes, labels), on the device until the end
     with torch.inference_mode():
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
@@ -194,10 +197,37 @@ def evaluate(net, loader, device, autocast, num_classes=10, stop=None):
                 logits = net(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
+            if keep_predictions:
+                kept.append((logits.softmax(1).half(), logits.argmax(1), y.clone()))
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(confusion)
             torch.distributed.all_reduce(loss_sum)
         confusion = confusion.view(num_classes, num_classes).cpu()
     confusion = confusion.clone()  # a normal tensor: the caller may change it in place
     count = int(confusion.sum())
-    return float(loss_sum) / max(count, 1), int(confusion.trace()) / max(count, 1), confusion
+    result = (float(loss_sum) / max(count, 1), int(confusion.trace()) / max(count, 1), confusion)
+    if keep_predictions:
+        result += (gather_in_order([tuple(t.cpu() for t in batch) for batch in kept], num_classes),)
+    return result
+
+
+def gather_in_order(batches, num_classes):
+    """This rank's (probabilities, predictions, labels) per batch -> the same three of every rank,
+    in the loader's order. Every loader here gives rank r the images [r::world_size] of each
+    global batch, so global batch b is the ranks' b-th shares interleaved back."""
+    empty = (torch.zeros(0, num_classes, dtype=torch.float16), torch.zeros(0, dtype=torch.long),
+             torch.zeros(0, dtype=torch.long))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tuple(torch.cat([e] + [b[k] for b in batches]) for k, e in enumerate(empty))
+    world = torch.distributed.get_world_size()
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, batches)
+    gathered = []
+    for b in range(len(shares[0])):  # every rank has every batch (a share may be empty)
+        n = sum(len(share[b][2]) for share in shares)
+        whole = tuple(e.new_empty((n, *e.shape[1:])) for e in empty)
+        for r, share in enumerate(shares):
+            for k, part in enumerate(share[b]):
+                whole[k][r::world] = part
+        gathered.append(whole)
+    return tuple(torch.cat([e] + [g[k] for g in gathered]) for k, e in enumerate(empty))

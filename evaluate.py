@@ -3,6 +3,10 @@
     python evaluate.py checkpoints/<run>/ResNet_att.pth                # test loss, accuracy, per class
     python evaluate.py checkpoints/<run>/ResNet_att.pth --images a.png b.jpg   # top-3 per image
 
+Beside the checkpoint (or where the options say) it writes the confusion matrix, the reliability
+diagram (calibration: accuracy against confidence in 15 bins, and the expected calibration error)
+and the per-image test predictions, <name>-test.npz, which compare.py reads for its paired tests.
+
 The model is rebuilt from the checkpoint alone (its name, layout and image size are recorded in it).
 From Python: ``model, info = checkpoints.load_model(path)`` (README, "Evaluate and predict").
 """
@@ -17,6 +21,7 @@ import data
 from data import load_image  # noqa: F401 -- evaluate.load_image: the reader of --images
 import engine
 import report
+import stats
 from utils import Parser, UserError, positive, run_cli, setup_runtime, tune_cpu_allocator
 
 
@@ -31,6 +36,9 @@ def parse_args(argv):
     p.add_argument("--test-subset", type=positive(int), help="default: the checkpoint run's own")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--confusion", metavar="PNG", help="default: next to the checkpoint, <name>-confusion.png")
+    p.add_argument("--reliability", metavar="PNG", help="default: next to the checkpoint, <name>-reliability.png")
+    p.add_argument("--predictions", metavar="NPZ", help="per-image test probabilities (compare.py reads them); "
+                                                         "default: next to the checkpoint, <name>-test.npz")
     p.add_argument("--images", nargs="+", metavar="FILE", help="print the top-3 classes of each image file")
     return p.parse_args(argv)
 
@@ -51,13 +59,20 @@ def test_loader(args, info, device):
     """The run's own test split (its seed, validation split and test subset; --test-subset overrides)."""
     run = info["args"]
     return data.get_loaders(args.data_dir, args.batch_size, info["image_size"], device, val_split=run["val_split"],
-                            train_subset=None, test_subset=args.test_subset or run.get("test_subset"),
-                            seed=run["seed"], download=not args.no_download)["test"]
+                            train_subset=None, test_subset=test_subset(args, info), seed=run["seed"],
+                            split_seed=data.split_seed(run), download=not args.no_download)["test"]
+
+
+def test_subset(args, info):
+    return args.test_subset or info["args"].get("test_subset")
 
 
 def main(argv=None):
     tune_cpu_allocator()
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.predictions and not args.predictions.endswith(".npz"):
+        raise UserError(f"--predictions {args.predictions}: the predictions are a NumPy .npz file, name it *.npz",
+                        exit_code=2)
     if args.test_subset and args.test_subset > 10000:  # a usage error: say so before any loading
         raise UserError(f"--test-subset {args.test_subset} is larger than the 10,000 test images", exit_code=2)
     rt = setup_runtime(args.device, distributed=False)
@@ -68,8 +83,8 @@ def main(argv=None):
         return 0
 
     classes, image_size = info["classes"], info["image_size"]
-    loss, acc, confusion = engine.evaluate(model, test_loader(args, info, rt.device), rt.device, rt.autocast,
-                                           len(classes))
+    loss, acc, confusion, (probs, predicted, labels) = engine.evaluate(model, test_loader(args, info, rt.device), rt.device,
+                                                            rt.autocast, len(classes), keep_predictions=True)
     print(f"{info['name']} ({args.checkpoint}), epoch {info['epoch']}, "
           f"{confusion.sum().item()} test images at {image_size} px")
     print(f"Test loss : {loss:.4f}")
@@ -78,11 +93,24 @@ def main(argv=None):
     for i, name in enumerate(classes):
         total = confusion[i].sum().item()
         print(f"{name:<12}{confusion[i, i].item():>8}{total:>8}{confusion[i, i].item() / max(total, 1):>10.4f}")
-    png = args.confusion or os.path.splitext(args.checkpoint)[0] + "-confusion.png"
-    title = report.confusion_title(f"{report.checkpoint_label(args.checkpoint)} ({info['name']}, epoch "
-                                   f"{info['epoch']})", acc, confusion)
-    report.plot_confusion(confusion.numpy(), classes, png, title)
+    base = os.path.splitext(args.checkpoint)[0]
+    what = f"{report.checkpoint_label(args.checkpoint)} ({info['name']}, epoch {info['epoch']})"
+    cal = stats.calibration(probs.float().numpy(), labels.numpy(), predicted.numpy())
+    print(f"Calibration: ECE {cal.ece:.4f} ({len(cal.count)} bins), mean confidence "
+          f"{probs.float().max(1).values.mean().item():.4f}")
+    png = args.confusion or base + "-confusion.png"
+    report.plot_confusion(confusion.numpy(), classes, png, report.confusion_title(what, acc, confusion))
     print(f"confusion matrix: {png}")
+    png = args.reliability or base + "-reliability.png"
+    report.plot_reliability(cal, png, report.calibration_title(what, cal))
+    print(f"reliability diagram: {png}")
+    npz = args.predictions or base + "-test.npz"
+    run = info["args"]
+    report.save_predictions(npz, probs, labels, data.test_indices(test_subset(args, info), data.split_seed(run)),
+                            report.predictions_meta(data.DATASET, classes, run, info["run_name"],
+                                                    report.checkpoint_label(args.checkpoint), info["epoch"], loss, acc),
+                            predicted)
+    print(f"test predictions: {npz}")
     return 0
 
 

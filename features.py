@@ -341,9 +341,9 @@ def make_loaders(args, model, rt, log, stop):
             args.data_dir, args.batch_size, args.image_size, rt.device, args.workers, args.val_split,
             args.train_subset, args.test_subset, args.seed, not args.no_download, args.data_path,
             augment=not args.no_augment, eval_batch_size=eval_bs, rank=rt.rank, world_size=rt.world_size,
-            channels_last=True), model
-    splits = data.get_splits(args.data_dir, args.val_split, args.train_subset, args.test_subset, args.seed,
-                             not args.no_download)
+            channels_last=True, split_seed=data.split_seed(vars(args))), model
+    splits = data.get_splits(args.data_dir, args.val_split, args.train_subset, args.test_subset,
+                             data.split_seed(vars(args)), not args.no_download)
     loaders = cached_loaders(model, splits, args.cache_dir, args.image_size, args.batch_size, eval_bs,
                              args.seed, rt.device, rt.autocast, log, stop, args.cache_dtype)
     log.info(f"{'head' if list(model.head.body.parameters()) else 'linear probe'} training on cached features "

@@ -2,14 +2,18 @@
 accuracy curves, the confusion matrix, live curves in TensorBoard, progress bars for every long
 phase, and the machine a figure was measured on; and reading a run's CSV and log back for the
 tables of compare.py and the benchmarks."""
+import contextlib
 import csv
+import json
 import logging
 import os
 import platform
 import re
 import sys
 import time
+import zipfile
 
+import numpy as np
 import torch
 
 from utils import UserError, cpu_has_amx, cpu_has_avx512_bf16, cpu_name
@@ -158,6 +162,38 @@ def plot_confusion(confusion, classes, path, title=None):
     save_figure(confusion_figure(confusion, classes, title), path, metadata={"Title": title} if title else None)
 
 
+def reliability_figure(cal, title=None):
+    """The reliability diagram of ``cal`` (stats.calibration): per confidence bin, its accuracy (blue)
+    and mean confidence (red outline; on the diagonal when calibrated), and below, how many images
+    each bin holds."""
+    plt = pyplot()
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6, 6.5), height_ratios=(3, 1), sharex=True)
+    width = cal.edges[1] - cal.edges[0]
+    filled = cal.count > 0
+    ax.bar(cal.edges[:-1][filled], cal.accuracy[filled], width=width, align="edge", edgecolor="black",
+           color="tab:blue", label="accuracy")
+    ax.bar(cal.edges[:-1][filled], cal.confidence[filled], width=width, align="edge", fill=False,
+           edgecolor="tab:red", linewidth=1.5, label="mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_ylabel("accuracy"), ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax_count.bar(cal.edges[:-1], cal.count, width=width, align="edge", edgecolor="black", color="tab:gray")
+    ax_count.set_yscale("symlog"), ax_count.set_xlabel("confidence (top probability)"), ax_count.set_ylabel("images")
+    fig.tight_layout()
+    return fig
+
+
+def calibration_title(what, cal):
+    """Like confusion_title: whose diagram it is, then the ECE, its bins and the image count."""
+    return f"{what}:\nECE {cal.ece:.4f} ({len(cal.count)} bins) on {int(cal.count.sum()):,} images"
+
+
+def plot_reliability(cal, path, title=None):
+    save_figure(reliability_figure(cal, title), path, metadata={"Title": title} if title else None)
+
+
 def checkpoint_label(path):
     """A checkpoint named by its run folder and file only, e.g. "<run>/ResNet_att.pth": a whole path
     (~/runs/<preset>/checkpoints/<run>/X.pth) is wider than a figure and was cut off."""
@@ -280,6 +316,120 @@ def run_figures(rows, info):
 def read_run(csv_path, log_text):
     """run_figures of a run from its CSV's path (missing: no epoch done yet) and its log's text."""
     return run_figures(read_csv(csv_path) if os.path.exists(csv_path) else [], parse_log(log_text))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image test predictions: <log>/<run>-test.npz (train.py), beside evaluate.py's confusion PNG
+
+PREDICTIONS_FORMAT = 1
+MAX_PREDICTIONS_BYTES = 1 << 30  # uncompressed: 10,000 images x 10 classes is 0.2 MB; more is not ours
+
+
+def predictions_path(log_base):
+    """Where train.py writes a run's test predictions, and where compare.py looks for them beside its CSV."""
+    return log_base + "-test.npz"
+
+
+# A run's settings: two runs that differ in nothing else but --seed are seeds of one configuration
+# (compare.py groups them). Where the data is, how fast the machine computes, and the names of
+# files are not settings.
+SETTINGS = ("model", "weights", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
+            "image_size", "no_augment", "val_split", "train_subset", "test_subset")
+
+
+def predictions_meta(dataset, classes, args, run, checkpoint, epoch, loss, acc):
+    """What a predictions file says of itself: the data set and classes, the run, its seed and
+    settings (SETTINGS of train.py's ``args``), the checkpoint and its epoch, the test loss and accuracy."""
+    weights = args.get("weights")
+    if weights not in (None, "imagenet", "imagenet_v2", "none"):
+        weights = os.path.basename(str(weights))  # a local file: its name, not where it lay
+    settings = {k: args.get(k) for k in SETTINGS}
+    settings["weights"] = None if args.get("model") == "sample_resnet" else weights  # sample_resnet ignores it
+    return {"dataset": dataset, "classes": list(classes), "run": run, "seed": args.get("seed"),
+            "settings": settings, "checkpoint": checkpoint, "epoch": epoch,
+            "test_loss": round(float(loss), 6), "test_acc": round(float(acc), 6)}
+
+
+def save_predictions(path, probs, labels, indices, meta, predicted=None):
+    """The test set's softmax probabilities (float16, N x classes), the predicted classes (the
+    argmax of the float32 logits: float16 rounding can tie two classes, so the argmax of the
+    stored probabilities may differ from what the run counted), labels and image indices (into the
+    data set's test images), and ``meta`` (JSON: dataset, classes, model, run, settings, ...),
+    written atomically: a reader sees the old file or the whole new one."""
+    if predicted is None:
+        predicted = torch.as_tensor(probs).float().argmax(1)
+    probs, labels, indices, predicted = (np.asarray(a) for a in (probs, labels, indices, predicted))
+    if not (len(probs) == len(labels) == len(indices)) or probs.ndim != 2:
+        raise ValueError(f"predictions of {len(probs)} images, {len(labels)} labels, {len(indices)} indices")
+    meta = dict(meta, format=PREDICTIONS_FORMAT)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, probs=probs.astype(np.float16), predicted=predicted.astype(np.int64),
+                                labels=labels.astype(np.int64),
+                                indices=indices.astype(np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise cannot_write(path, e) from None
+
+
+def read_predictions(path):
+    """A predictions file -> {probs float32 (N, C), predicted, labels, indices, correct (bool), meta},
+    every field checked; anything else (any bytes) is a one-line UserError."""
+    bad = lambda why: UserError(f"{path} is not a predictions file of this project ({why}); train.py and "
+                                f"evaluate.py write them")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {i.filename: i.file_size for i in z.infolist()}
+        if set(names) != {"probs.npy", "predicted.npy", "labels.npy", "indices.npy", "meta.npy"}:
+            raise bad(f"holds {', '.join(sorted(names))[:80] or 'nothing'}")
+        if sum(names.values()) > MAX_PREDICTIONS_BYTES:
+            raise bad(f"{sum(names.values()):,} bytes uncompressed")
+        with np.load(path, allow_pickle=False) as z:
+            probs, predicted, labels, indices, meta = (z[k] for k in ("probs", "predicted", "labels", "indices", "meta"))
+        meta = json.loads(str(meta[()]))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- np.load, zipfile and numpy's header parser (tokenize, ast)
+        # raise a zoo of exception types on arbitrary bytes: any of them means "not ours"
+        raise bad(" ".join(str(e).split())[:100] or type(e).__name__) from None
+    problem = predictions_problem(probs, predicted, labels, indices, meta)
+    if problem:
+        raise bad(problem)
+    return {"probs": probs.astype(np.float32), "predicted": predicted, "labels": labels, "indices": indices,
+            "correct": predicted == labels, "meta": meta}
+
+
+def predictions_problem(probs, predicted, labels, indices, meta):
+    """Why these arrays are not what save_predictions writes, or None."""
+    if not isinstance(meta, dict) or meta.get("format") != PREDICTIONS_FORMAT:
+        return "no format number " + str(PREDICTIONS_FORMAT)
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        return "no list of class names"
+    if not isinstance(meta.get("dataset"), str):
+        return "no data set name"
+    n = len(labels) if labels.ndim == 1 else -1
+    if probs.dtype != np.float16 or probs.shape != (n, len(classes)) or n < 1:
+        return f"probabilities {probs.dtype} {probs.shape}, labels {labels.shape}, {len(classes)} classes"
+    if any(a.dtype != np.int64 or a.shape != labels.shape for a in (indices, predicted)):
+        return f"labels {labels.shape}, indices {indices.dtype} {indices.shape}, predicted {predicted.dtype} " \
+               f"{predicted.shape}"
+    if labels.min() < 0 or labels.max() >= len(classes) or indices.min() < 0 or len(np.unique(indices)) != n:
+        return "labels out of range or repeated image indices"
+    if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(probs.astype(np.float32).sum(1) - 1).max() > 0.02:
+        return "rows that are not probabilities"
+    if predicted.min() < 0 or predicted.max() >= len(classes) or \
+            (probs.max(1) - probs[np.arange(n), predicted]).astype(np.float32).max() > 2e-3:
+        return "predicted classes that are not the most probable ones"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -92,6 +92,9 @@ def build_parser():
                         "(view: tensorboard --logdir log/tensorboard)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, metavar="SEED",
+                   help="draw the validation hold-out and the subsets with SEED instead of --seed: seeds of one "
+                        "setting then share one split (and the frozen models one feature cache)")
     p.add_argument("--out", default="checkpoints", help="checkpoints go to OUT/<run>/")
     p.add_argument("--log-dir", default="log")
     p.add_argument("--run-name", help="default: <model>-<timestamp>")
@@ -127,6 +130,7 @@ def check_args(args):
     pool = 50000 - args.val_split
     problems = [
         (not 0 <= args.seed < 2**64, f"--seed {args.seed} is not from 0 to 2**64 - 1"),  # torch's and numpy's range
+        (not 0 <= data.split_seed(vars(args)) < 2**64, f"--split-seed {args.split_seed} is not from 0 to 2**64 - 1"),
         (args.image_size > checkpoints.MAX_IMAGE_SIZE, f"--image-size {args.image_size} is larger than "
                                                         f"{checkpoints.MAX_IMAGE_SIZE} px (CIFAR-10's images are 32 px)"),
         (empty, f"{', '.join(empty)} is empty"),
@@ -211,9 +215,10 @@ def check_window(window, meter, loop, epoch):
     return signum, save_due, sum(losses) / len(losses), correct / max(meter.count, 1)
 
 
-def validate(net, loader, rt, stop):
-    """Loss, accuracy and confusion matrix over ``loader``; raises engine.Stopped on a stop signal."""
-    return engine.evaluate(net, loader, rt.device, rt.autocast, stop=stop)
+def validate(net, loader, rt, stop, keep_predictions=False):
+    """Loss, accuracy and confusion matrix over ``loader`` (and the per-image predictions, with
+    ``keep_predictions``); raises engine.Stopped on a stop signal."""
+    return engine.evaluate(net, loader, rt.device, rt.autocast, stop=stop, keep_predictions=keep_predictions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,11 +289,13 @@ def fit(loop, loaders, start, args, log_base):
 
 
 def test_best(model, loop, loader):
-    """The test set, once, on the best weights. -> (loss, accuracy, confusion matrix)."""
+    """The test set, once, on the best weights. -> (loss, accuracy, confusion matrix, (per-image
+    probabilities, labels)), and the epoch of the best weights."""
     best = loop.saver.best_weights()
     model.load_state_dict(best["state_dict"])
     try:
-        test_loss, test_acc, confusion = validate(loop.eval_net, loader, loop.rt, loop.stop)
+        test_loss, test_acc, confusion, predictions = validate(loop.eval_net, loader, loop.rt, loop.stop,
+                                                               keep_predictions=True)
     except engine.Stopped as e:
         raise UserError(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoints are "
                         f"complete: evaluate.py {loop.saver.run_dir}/{loop.saver.best_name} gives the test accuracy",
@@ -296,7 +303,7 @@ def test_best(model, loop, loader):
     loop.log.info(f"best checkpoint: epoch {best['epoch']}, val acc {best['best_val_acc']:.4f}")
     loop.log.info(f"Test loss : {test_loss:.4f}")
     loop.log.info(f"Test Acc : {test_acc:.4f}")
-    return test_loss, test_acc, confusion
+    return test_loss, test_acc, confusion, predictions, best["epoch"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,13 +364,18 @@ def run(args, ckpt, rt):
         code = fit(loop, loaders, (epoch, step, meter_state), args, log_base)
         if code is not None:
             return code
-        test_loss, test_acc, confusion = test_best(model, loop, loaders["test"])
+        test_loss, test_acc, confusion, predictions, best_epoch = test_best(model, loop, loaders["test"])
         tb.test_results(args.epochs * len(loaders["train"]), test_loss, test_acc, confusion, data.CLASSES,
                         vars(args), saver.best_acc)
     finally:
         saver.wait()  # an exit of any kind leaves the last checkpoint complete
         tb.close()
     if rt.master:
+        probs, predicted, labels = predictions
+        report.save_predictions(report.predictions_path(log_base), probs, labels,
+                                data.test_indices(args.test_subset, data.split_seed(vars(args))), report.predictions_meta(
+                                    data.DATASET, data.CLASSES, vars(args), run_name, saver.best_name, best_epoch,
+                                    test_loss, test_acc), predicted)
         report.plot_curves(log_base + ".csv", log_base + ".png")
         report.plot_confusion(confusion.cpu().numpy(), data.CLASSES, log_base + "-confusion.png",
                               report.confusion_title(f"{run_name} ({args.model}, best checkpoint)", test_acc, confusion))

@@ -83,8 +83,13 @@ SEED_CPU = {
     "resnet_scratch": dict(image_size=224, epochs=2, val_every=1),
     "resnet_att_scratch": dict(image_size=224, epochs=2, val_every=1),
 }
+# The frozen rows as the seed trained them (issue 32): its augmentation, so every epoch runs the
+# frozen backbone (without autograd) on 45,000 new crops; bf16 where the CPU is fast in it.
+SEED_CPU_AUGMENTED = {"resnet": dict(image_size=224, epochs=10, val_every=1),
+                      "resnet_att": dict(image_size=224, epochs=10, val_every=1)}
 PRESETS = {
     "full": {m: dict(FULL) for m in MODELS},
+    "seed-cpu-augmented": SEED_CPU_AUGMENTED,
     "frozen-full": {"resnet": FROZEN_FULL, "resnet_att": FROZEN_FULL},
     "seed-cpu": SEED_CPU,
     "cpu": CPU,
@@ -96,7 +101,8 @@ KILL_GRACE_S = 60  # after SIGINT at the deadline, train.py saves last.pth; kill
 TRAIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Options a resumed run may be given anew (train.py's RESUME_OVERRIDABLE): where the data is and
 # how this machine computes; every other option is the run's own, restored from its last.pth.
-RESUME_OPTIONS = ("data_dir", "no_download", "device", "precision", "micro_batch", "checkpoint_every", "compile")
+RESUME_OPTIONS = ("data_dir", "no_download", "device", "precision", "micro_batch", "checkpoint_every", "compile",
+                  "cache_dir")
 
 
 def parse_args(argv):
@@ -109,7 +115,9 @@ def parse_args(argv):
                    help="train the rows for N epochs instead of the preset's: a table and runs of their own, "
                         "named <preset>-<N>ep (e.g. the fine-tuned seed-cpu rows beyond their 2 epochs)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
-                   help="train each model once per seed (train.py --seed); the table shows mean ± std")
+                   help="train each model once per seed (train.py --seed; every seed keeps seed 0's validation "
+                        "split, --split-seed 0, so the frozen rows share one feature cache); the table shows "
+                        "mean ± std")
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_ROOT", "cifar"))
     p.add_argument("--weights", default=os.environ.get("RESNET50_WEIGHTS", "imagenet"),
                    help="ResNet-50 start of the four ResNet models (default: $RESNET50_WEIGHTS, else imagenet)")
@@ -123,6 +131,8 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join(ROOT, "results"), help="where the table goes")
     p.add_argument("--log-dir", default=os.path.join(ROOT, "log"), help="train.py --log-dir")
     p.add_argument("--checkpoints", default=os.path.join(ROOT, "checkpoints"), help="train.py --out")
+    p.add_argument("--cache-dir", help="train.py --cache-dir: the frozen rows' feature cache (default: train.py's, "
+                                       "cache/ in the repo)")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -137,7 +147,7 @@ def parse_args(argv):
 
 
 # Presets whose runs take hours on a CPU: they get this machine's fastest settings (cpu_options).
-LONG_CPU_PRESETS = ("seed-cpu",)
+LONG_CPU_PRESETS = ("seed-cpu", "seed-cpu-augmented")
 # The fastest setting per precision and model that keeps a run under a third of the machine's 24 GB,
 # measured by benchmarks/cpu_speed.py (results/speed-cpu-20261202-intel-xeon-amx-2c.md, 2-core Xeon
 # with AMX, global batch 128, 224 px): bf16 sample_resnet compiled 61 img/s (eager 48); bf16
@@ -467,12 +477,21 @@ def write_table(rows, meta, out_dir):
 # The driver
 
 
+def seed_options(seed, seeds):
+    """train.py's seed options of one row: none for the one default seed 0 (the older rows' command
+    lines), else --seed, with seed 0's split (--split-seed 0) so that every seed of a model trains,
+    validates and is tested on the same images, and the frozen rows reuse one feature cache."""
+    if seeds == [0]:
+        return {}
+    return {"seed": seed} if seed == 0 else {"seed": seed, "split_seed": 0}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     options = {m: cpu_options(args, m) for m in args.models}
     common = {"data_dir": args.data_dir, "weights": args.weights, "device": args.device,
-              "log_dir": args.log_dir, "out": args.checkpoints}
+              "log_dir": args.log_dir, "out": args.checkpoints, "cache_dir": args.cache_dir}
     row_common = lambda row: {**common, **options[row.model]}  # this machine's speed options last
     os.makedirs(args.log_dir, exist_ok=True)
     meta = {"preset": args.preset, "epochs": args.epochs, "table": args.table,
@@ -480,7 +499,7 @@ def main(argv=None):
             "machine": machine_info(), "weights": args.weights, "train_pool": 50000, "threads": args.threads,
             "options": options, "date": time.strftime("%Y-%m-%d %H:%M")}
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    rows = [Row(model, seed, dict(PRESETS[args.preset][model], **({"seed": seed} if args.seeds != [0] else {}),
+    rows = [Row(model, seed, dict(PRESETS[args.preset][model], **seed_options(seed, args.seeds),
                                   **({"epochs": args.epochs} if args.epochs else {})), args)
             for model in args.models for seed in args.seeds]
     for row in rows:

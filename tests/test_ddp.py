@@ -67,7 +67,8 @@ def step_and_validate(net, wrapped, rank, world):
     x, y = next(iter(train_loader))
     F.cross_entropy(wrapped(x), y).backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
-    return grads, engine.evaluate(net, test_loader, torch.device("cpu"), contextlib.nullcontext())
+    return grads, engine.evaluate(net, test_loader, torch.device("cpu"), contextlib.nullcontext(),
+                                  keep_predictions=True)
 
 
 def _worker(rank, port, out):
@@ -124,12 +125,17 @@ def test_ddp_step_gradients_equal_a_single_process_step(ddp_results):
 
 def test_validation_reduced_over_ranks_equals_one_process(ddp_results):
     ranks, single = ddp_results
-    loss, acc, confusion = single["val"]
+    loss, acc, confusion, (probs, predicted, labels) = single["val"]
     assert confusion.sum() == EVAL_IMAGES
-    for r_loss, r_acc, r_confusion in (r["val"] for r in ranks):
+    assert torch.equal(labels, torch.as_tensor(images(EVAL_IMAGES, seed=2)[1]))  # the loader's order
+    for r_loss, r_acc, r_confusion, (r_probs, r_predicted, r_labels) in (r["val"] for r in ranks):
         assert torch.equal(r_confusion, confusion)  # every image counted once, with its prediction
         assert r_acc == acc
         assert r_loss == pytest.approx(loss, rel=1e-6)
+        # the per-image predictions gathered from both ranks come back in the loader's order
+        assert torch.equal(r_labels, labels)
+        torch.testing.assert_close(r_probs, probs, atol=2e-3, rtol=0)
+        assert torch.equal(r_predicted, predicted)
 
 
 def test_a_signal_to_one_rank_stops_every_rank(ddp_results):

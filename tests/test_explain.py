@@ -189,9 +189,9 @@ def test_compare_tables_two_runs(two_runs, tmp_path, monkeypatch, capsys):
             if line.startswith("| a ") or line.startswith("| b ")}
     assert sorted(rows) == ["a", "b"]
     for name, cells in rows.items():
-        # run, model, train acc, best val, test acc, params, epochs, size, train images, time, img/s
+        # run, model, train acc, best val, test acc, its interval, params, epochs, size, train images, time, img/s
         assert cells[1] == "sample_resnet" and cells[4] == accs[name], cells
-        assert cells[5:9] == ["234,226", "1", "32", "64"], cells
+        assert cells[5].endswith("images)") and cells[6:10] == ["234,226", "1", "32", "64"], cells
     assert out.stat().st_size > 10_000 and colours(out) > 50
 
 
@@ -204,7 +204,7 @@ def test_compare_shows_a_run_in_progress(two_runs, tmp_path, capsys):
     assert compare.main([str(tmp_path / "going.csv")]) == 0
     out, err = capsys.readouterr()
     cells = [line for line in out.splitlines() if line.startswith("| going ")][0].split(" | ")
-    assert cells[4] == "running" and cells[8] == compare.MISSING
+    assert cells[4] == "running" and cells[9] == compare.MISSING
     assert "no 'Test Acc' line" in err and "no checkpoint in gone/a/" in err
 
 

@@ -220,6 +220,22 @@ def test_e2e_checkpoints(e2e):
     rebuilt.load_state_dict(best["state_dict"])
 
 
+def test_e2e_test_predictions(e2e, cifar):
+    """Issue 32: the final test writes every test image's probabilities beside the log, the images
+    the run's seeded --test-subset picked, in that order, adding up to the printed accuracy."""
+    import report
+    pred = report.read_predictions(f"{e2e.log_base}-test.npz")
+    _, _, _, test_y = cifar
+    indices = data.test_indices(E2E_TEST, 0)
+    assert np.array_equal(pred["indices"], indices) and np.array_equal(pred["labels"], test_y[indices])
+    assert f"{pred['correct'].mean():.4f}" == printed_test_acc(e2e.proc.stdout)
+    meta = pred["meta"]
+    assert (meta["dataset"], meta["classes"], meta["run"], meta["seed"]) == ("cifar10", list(data.CLASSES), e2e.run, 0)
+    assert meta["settings"]["model"] == "sample_resnet" and meta["settings"]["test_subset"] == E2E_TEST
+    assert meta["checkpoint"] == BEST_NAMES["sample_resnet"] and meta["epoch"] == load(
+        e2e.run_dir / BEST_NAMES["sample_resnet"])["epoch"]
+
+
 def test_evaluate_prints_train_accuracy_table_and_confusion(e2e, cifar_root):
     best_path = e2e.run_dir / BEST_NAMES["sample_resnet"]
     proc = ok(run_script("evaluate.py", best_path, "--data-dir", cifar_root, "--no-download", cwd=e2e.tmp))
@@ -238,6 +254,19 @@ def test_evaluate_prints_train_accuracy_table_and_confusion(e2e, cifar_root):
     run, file = best_path.parts[-2:]
     assert Image.open(png[0]).text["Title"] == (f"{run}/{file} (sample_resnet, epoch {load(best_path)['epoch']}):\n"
                                                 f"test accuracy {printed_test_acc(out)} on {total:,} images")
+    # issue 32: calibration (ECE and its reliability diagram) and the per-image predictions, the
+    # same probabilities train.py's own test wrote (same checkpoint, same images)
+    import report
+    import stats
+    npz = re.findall(r"^test predictions: (.+)$", out, re.M)
+    pred, trained = report.read_predictions(npz[0]), report.read_predictions(f"{e2e.log_base}-test.npz")
+    assert np.array_equal(pred["indices"], trained["indices"]) and np.array_equal(pred["predicted"], trained["predicted"])
+    np.testing.assert_allclose(pred["probs"], trained["probs"], atol=2e-3)  # float16, batches of other sizes
+    ece = stats.calibration(pred["probs"], pred["labels"], pred["predicted"]).ece
+    assert re.search(rf"^Calibration: ECE {ece:.4f} \(15 bins\)", out, re.M), out
+    png = re.findall(r"^reliability diagram: (.+)$", out, re.M)
+    assert_real_png(png[0])
+    assert Image.open(png[0]).text["Title"].endswith(f"ECE {ece:.4f} (15 bins) on {total:,} images")
 
 
 def test_evaluate_images_top3(e2e, cifar, tmp_path):
