@@ -20,22 +20,56 @@ import engine
 from models import build_model
 
 SYNCING = ["item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"]
+# Also waits on a GPU, and never needed by a training step (its batches arrive on the device):
+# data-dependent shapes (nonzero, boolean masks), and copies to the CPU (Tensor.to).
+STEP_SYNCING = SYNCING + ["nonzero", "argwhere", "masked_select", "to", "__getitem__"]
+SYNCING_FUNCTIONS = ["nonzero", "argwhere", "masked_select"]  # torch.<name>(tensor) as well
 OPTIMIZERS = ["sgd", "adamw"]  # sample_resnet's and the frozen models' (engine.MODEL_DEFAULTS)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU version runs everywhere)")
 
 
-@contextlib.contextmanager
-def count_host_syncs(monkeypatch):
-    calls = []
-    for name in SYNCING:
-        real = getattr(torch.Tensor, name)
+def reads_the_host(name, args, kwargs):
+    """Whether a call of Tensor.<name> with these arguments would wait for the device: a copy to
+    the CPU (``.to("cpu")``, ``.to(cpu_tensor)``), or indexing with a boolean mask (its size is
+    data-dependent: the host must learn how many are true)."""
+    if name == "to":
+        targets = list(args) + list(kwargs.values())
+        return any((isinstance(t, (str, torch.device)) and torch.device(t).type == "cpu")
+                   or (isinstance(t, torch.Tensor) and t.device.type == "cpu") for t in targets)
+    if name == "__getitem__":
+        index = args[0] if isinstance(args[0], tuple) else (args[0],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    return True
 
-        def spy(self, *a, _real=real, _name=name, **k):
-            calls.append(_name)
-            return _real(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, spy)
+
+@contextlib.contextmanager
+def count_host_syncs(monkeypatch, names=SYNCING):
+    calls = []
+    for owner, name in [(torch.Tensor, n) for n in names] + [(torch, n) for n in SYNCING_FUNCTIONS if n in names]:
+        real = getattr(owner, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            if reads_the_host(_name, a[1:], k):
+                calls.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(owner, name, spy)
     yield calls
     monkeypatch.undo()
+
+
+def test_the_spy_sees_every_kind_of_host_read(monkeypatch):
+    """Issue 33: what the step must never do, each seen by count_host_syncs."""
+    x = torch.arange(6.0)
+    reads = [lambda: x.sum().item(), lambda: x.tolist(), lambda: x.to("cpu"), lambda: x.to(torch.device("cpu")),
+             lambda: x.to(x), lambda: x[x > 2], lambda: x.nonzero(), lambda: torch.nonzero(x), lambda: x.numpy(),
+             lambda: bool(x.any()), lambda: x.argwhere()]
+    for read in reads:
+        with count_host_syncs(monkeypatch, STEP_SYNCING) as calls:
+            read()
+        assert calls, read
+    with count_host_syncs(monkeypatch, STEP_SYNCING) as calls:  # and what is device work only
+        _ = x[1:3], x[torch.tensor([0, 2])], x.to(torch.float16), x.to(dtype=torch.float64), x * 2
+    assert calls == []
 
 
 def setup(device="cpu", n=64, batch=16, optimizer="sgd"):
@@ -62,7 +96,7 @@ def test_the_training_step_never_reads_the_device(optimizer, monkeypatch):
     model, loader, opt, scheduler = setup(optimizer=optimizer)
     meter = engine.Meter(torch.device("cpu"))
     batches = [(x.clone(), y) for x, y in loader]  # the CPU loader reuses one buffer
-    with count_host_syncs(monkeypatch) as calls:
+    with count_host_syncs(monkeypatch, STEP_SYNCING) as calls:
         for x, y in batches:
             engine.train_step(model, x, y, nn.CrossEntropyLoss(), opt, scheduler, contextlib.nullcontext(), meter)
     assert calls == []
@@ -156,3 +190,50 @@ def test_schedule_warms_up_then_decays_to_zero():
         sched.step()
     assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-4
+
+
+def test_warmup_is_at_most_a_tenth_of_a_short_run():
+    """Issue 33: 2 epochs of 10 steps: one warmup epoch would be half the run; the cap makes it
+    2 steps (a tenth), so the peak comes at the second step and the decay starts there."""
+    opt = engine.make_optimizer("sgd", 0.1, 0.0, [nn.Parameter(torch.zeros(1))])
+    sched = engine.make_scheduler(opt, 10, 2)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == lrs[2] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_each_model_trains_with_its_own_defaults():
+    """Issue 33: engine.MODEL_DEFAULTS reach the optimiser train.py builds: SGD with Nesterov
+    momentum 0.9 for sample_resnet and the fine-tuned models, AdamW for the frozen heads, each with
+    its learning rate and weight decay; a value given on the command line wins."""
+    import train
+    expected = {  # README, "Training defaults"
+        "sample_resnet": (torch.optim.SGD, 0.1, 5e-4),
+        "resnet": (torch.optim.AdamW, 1e-3, 1e-4),
+        "resnet_att": (torch.optim.AdamW, 1e-3, 5e-2),
+        "resnet_scratch": (torch.optim.SGD, 0.01, 5e-4),
+        "resnet_att_scratch": (torch.optim.SGD, 0.01, 5e-4),
+    }
+    param = nn.Parameter(torch.zeros(1))
+    model = nn.Module()
+    model.p = param
+    for name, (kind, lr, wd) in expected.items():
+        args, _ = train.parse_args(["--model", name])
+        opt, _, criterion, _ = engine.make_optimisation(args, model, 10, None)
+        group = opt.param_groups[0]
+        assert type(opt) is kind and group["initial_lr"] == lr and group["weight_decay"] == wd, name
+        if kind is torch.optim.SGD:
+            assert group["nesterov"] is True and group["momentum"] == 0.9, name
+        assert criterion.label_smoothing == 0.0
+    args, _ = train.parse_args(["--model", "resnet", "--lr", "0.5", "--optimizer", "sgd", "--weight-decay", "0",
+                                "--label-smoothing", "0.1"])
+    opt, _, criterion, _ = engine.make_optimisation(args, model, 10, None)
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["initial_lr"] == 0.5
+    assert opt.param_groups[0]["weight_decay"] == 0 and criterion.label_smoothing == 0.1
+    # the smoothing reaches the loss: a confident right answer costs more with it
+    logits, y = torch.tensor([[8.0, 0.0, 0.0]]), torch.tensor([0])
+    assert criterion(logits, y) > nn.CrossEntropyLoss()(logits, y) + 0.05

@@ -238,6 +238,23 @@ def assert_one_line_error(res, code=None, *words):
     return lines[0]
 
 
+def assert_resumed_at(stdout, ckpt):
+    """Issue 33: the resumed process starts where ``ckpt`` (its last.pth before the resume) stopped:
+    its first progress line is in that epoch, past the saved step, within one log interval of it
+    (a run that silently started again from step 0 would still end with the same weights on a
+    deterministic CPU, so the weights alone cannot tell)."""
+    lines = [tuple(map(int, m)) for m in re.findall(r"^  epoch (\d+)/\d+ step (\d+)/(\d+) ", stdout, re.M)]
+    assert lines, stdout[-2000:]
+    epoch, step, total = lines[0]
+    every = max(total // 10, 1)  # report.EpochProgress's interval
+    if ckpt["step"] == 0:  # saved at an epoch's end: the next epoch from its first step
+        assert (epoch, step) == (ckpt["epoch"] + 1, every), (lines[0], ckpt["epoch"], ckpt["step"])
+    else:
+        assert epoch == ckpt["epoch"] + 1 and ckpt["step"] < step <= ckpt["step"] + every, \
+            (lines[0], ckpt["epoch"], ckpt["step"])
+    assert re.search(r"^resuming ", stdout, re.M), stdout[:500]
+
+
 # ----------------------------------------------------------------------------------------------
 # Interrupts, crashes, full disks, NaN
 
@@ -258,6 +275,7 @@ def test_signal_saves_and_resumes_bit_identical(sig, tmp_path, tiny_run, cifar_r
         return  # resuming is the same for both; SIGTERM's run does it
     res = cli("train.py", "--resume", run.last, "--data-dir", cifar_root)  # the resume it printed
     assert res.returncode == 0, res.stderr
+    assert_resumed_at(res.stdout, ckpt)
     assert_same_weights(run.last, tiny_run.last)
     assert printed_test_acc(res.stdout) == printed_test_acc(tiny_run.stdout)
 
@@ -268,9 +286,11 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, tiny_run, cifar_root, cli)
     proc.wait_for_line("  epoch 2/2 step 1/")
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait().returncode == -signal.SIGKILL
-    assert load(run.last)["epoch"] == 1, "killed too late"  # the end of epoch 1: epoch 2 never finished
+    ckpt = load(run.last)
+    assert ckpt["epoch"] == 1, "killed too late"  # the end of epoch 1: epoch 2 never finished
     res = cli("train.py", "--resume", run.last, "--data-dir", cifar_root)
     assert res.returncode == 0, res.stderr
+    assert_resumed_at(res.stdout, ckpt)
     assert_same_weights(run.last, tiny_run.last)
     assert printed_test_acc(res.stdout) == printed_test_acc(tiny_run.stdout)
     assert sorted(os.listdir(run.dir)) == sorted(["last.pth", BEST])

@@ -2,6 +2,7 @@
 checkpoint writes that fail with one line and lose nothing, a --out too small refused before the
 first step, and the memory/speed options of a long CPU run (--micro-batch, --precision).
 """
+import csv
 import os
 import signal
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_faults import (BEST, TINY, Run, assert_one_line_error, assert_same_weights, cli, driver, half_run,  # noqa: F401
-                         load, printed_test_acc, sha, tmp_files)
+from test_faults import (BEST, TINY, Run, assert_one_line_error, assert_resumed_at, assert_same_weights, cli,  # noqa: F401
+                         driver, half_run, load, printed_test_acc, sha, tmp_files)
 
 # 20 steps an epoch: two loss checks (CHECK_EVERY = 8) inside each epoch where a periodic save can happen
 LONG = ["--train-subset", "640"]
@@ -92,6 +93,11 @@ def test_kill9_after_a_periodic_save_resumes_bit_identical(tmp_path, reference, 
     assert ckpt["step"] > 0, "the kill should leave a mid-epoch checkpoint"
     res = cli("train.py", "--resume", run.last)
     assert res.returncode == 0, res.stderr
+    assert_resumed_at(res.stdout, ckpt)
+    # the resumed epoch's CSV row counts this process's steps only: 12 of its 20 steps of 32 images
+    row = list(csv.DictReader(open(os.path.join(run.log_dir, run.name + ".csv"))))[0]
+    images = float(row["images_per_s"]) * float(row["seconds"])
+    assert abs(images - (20 - ckpt["step"]) * 32) < 0.25 * (20 - ckpt["step"]) * 32, (row, ckpt["step"])
     assert_same_weights(run.last, reference.last)
     assert_same_weights(run.best, reference.best)
     assert printed_test_acc(res.stdout) == printed_test_acc(reference.stdout)
@@ -249,6 +255,12 @@ def test_micro_batch_run_resumes_bit_identical_and_logs_its_chunks(tmp_path, cif
     assert cli("train.py", *cut.args(*args, "--stop-after", "1")).returncode == 0
     assert cli("train.py", "--resume", cut.last).returncode == 0
     assert_same_weights(cut.last, full.last)
+    # issue 33: the batch really goes through in chunks: BatchNorm normalises over 8 images, not
+    # 32, so the weights differ from the whole-batch run's (gradient accumulation alone would not)
+    whole = Run(str(tmp_path), "whole")
+    assert cli("train.py", *whole.args("--data-dir", cifar_root)).returncode == 0
+    with pytest.raises(AssertionError):
+        assert_same_weights(full.last, whole.last)
 
 
 def test_bf16_precision_trains_on_the_cpu_like_float32(tmp_path, reference, cifar_root, cli):
@@ -258,6 +270,12 @@ def test_bf16_precision_trains_on_the_cpu_like_float32(tmp_path, reference, cifa
     assert "cpu bf16" in res.stdout and "cpu fp32" in reference.stdout
     bf16, fp32 = float(printed_test_acc(res.stdout)[0]), float(printed_test_acc(reference.stdout)[0])
     assert bf16 > 0.2 and abs(bf16 - fp32) < 0.1, (bf16, fp32)  # learns (chance: 0.1), as float32 does
+    # issue 33: it really computes in bf16 (other weights than float32's), and reproducibly so
+    with pytest.raises(AssertionError):
+        assert_same_weights(run.last, reference.last)
+    again = Run(str(tmp_path), "bf16-again")
+    assert cli("train.py", *again.args(*LONG, "--data-dir", cifar_root, "--precision", "bf16")).returncode == 0
+    assert_same_weights(again.last, run.last)
 
 
 def test_precision_and_micro_batch_may_change_on_resume(tmp_path, half_run, cifar_root, cli):

@@ -133,6 +133,19 @@ def test_resnet_parameter_counts_exact():
     assert total == total_s  # the same network, only frozen
 
 
+@pytest.mark.parametrize("name,trainable,total", [
+    ("sample_resnet", 234_226, 234_226),
+    ("resnet", 20_490, 23_528_522),
+    ("resnet_att", 5_166_828, 28_674_860),
+    ("resnet_scratch", 23_528_522, 23_528_522),
+    ("resnet_att_scratch", 28_674_860, 28_674_860),
+])
+def test_parameter_counts_are_the_readmes(name, trainable, total):
+    """Issue 33: the exact counts the README and the variant files state (and --dry-run prints): a
+    changed layer (say the CBAM reduction 16 -> 8 in the head: +28,800) changes them."""
+    assert models.count_parameters(_built(name)) == (trainable, total)
+
+
 @pytest.mark.parametrize("name,target,tolerance", [
     ("sample_resnet", 230_000, 0.05),
     ("resnet_att", 5_108_884, 0.03),
@@ -355,3 +368,24 @@ def test_real_weights_features_separate_cifar_classes(weights_path, cifar):
     print(f"linear probe accuracy: real weights {real:.3f}, random backbone {random_init:.3f}")
     assert real >= 0.45, accuracy
     assert real >= random_init + 0.2, accuracy
+
+
+@pytest.mark.parametrize("flag,enum", [("imagenet", "IMAGENET1K_V1"), ("imagenet_v2", "IMAGENET1K_V2")])
+def test_weights_flags_ask_torchvision_for_the_named_weights(flag, enum, monkeypatch):
+    """Issue 33: --weights imagenet is the seed's pretrained=True (IMAGENET1K_V1), imagenet_v2 the
+    newer recipe (IMAGENET1K_V2): the URL torchvision's weights API is asked for, loaded
+    weights-only, and the numbers it returns are the ones in the model."""
+    import torchvision
+    import torchvision.models._api as api
+    asked = []
+    torch.manual_seed(1)
+    served = torchvision.models.resnet50().state_dict()
+
+    def fetch(url, *args, **kwargs):
+        asked.append((url, kwargs.get("weights_only")))
+        return served
+    monkeypatch.setattr(api, "load_state_dict_from_url", fetch)
+    model, _ = models.build_model("resnet_scratch", weights=flag)
+    assert asked == [(getattr(torchvision.models.ResNet50_Weights, enum).url, True)]
+    assert torch.equal(model.backbone.conv1.weight, served["conv1.weight"])
+    assert model.stride_in_1x1 is False  # torchvision's own weights: its v1.5 layout

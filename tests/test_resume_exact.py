@@ -217,6 +217,8 @@ def _check_resumed(tmp, cut, resumed_out, full_out, steps):
     assert test_acc(resumed_out) == test_acc(full_out) and test_acc(full_out)
     progress = _progress(resumed_out)
     assert progress and all(total == steps and 0 < step <= total for _, step, total in progress), progress
+    # issue 33: it starts at the step after the cut (a silent restart from step 0 ends the same)
+    assert progress[0] == (1, cut["step"] + 1, steps), progress
     assert (1, cut["step"] + 1, steps) in progress and (1, steps, steps) in progress, progress
 
 

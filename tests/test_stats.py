@@ -306,12 +306,15 @@ def runs_on_one_test_set(folder):
                                                right.mean())
     probs, other_labels, _, meta = fake_predictions(n=500, seed=9)
     paths["other"] = write_run(folder, "other-images", probs, other_labels, np.arange(500) * 3, meta, 0.8)
+    probs, _, _, meta = fake_predictions(n=n, seed=10)  # as many images, other ones (another subset seed)
+    paths["shifted"] = write_run(folder, "shifted", probs, labels, np.arange(n) + 1, meta, 0.8)
     return paths
 
 
 def test_compare_tells_which_differences_are_real(tmp_path, capsys):
     paths = runs_on_one_test_set(str(tmp_path))
-    argv = [paths[k] for k in [("lin", 0), ("att", 0), ("lin", 1), ("att", 1), ("lin", 2), ("att", 2), "other"]]
+    argv = [paths[k] for k in [("lin", 0), ("att", 0), ("lin", 1), ("att", 1), ("lin", 2), ("att", 2), "other",
+                               "shifted"]]
     assert compare.main(argv) == 0
     out, err = capsys.readouterr()
     preds = {k: report.read_predictions(report.predictions_path(p[:-4])) for k, p in paths.items()}
@@ -335,6 +338,8 @@ def test_compare_tells_which_differences_are_real(tmp_path, capsys):
     # the run on other images: refused for the paired tests, one line per pair, saying why
     refused = [ln for ln in err.splitlines() if "other-images: no paired test" in ln]
     assert len(refused) == 6 and all("not tested on the same images (2,000 against 500" in ln for ln in refused)
+    refused = [ln for ln in err.splitlines() if "-seed" in ln and "vs shifted: no paired test" in ln]
+    assert len(refused) == 6 and all("(other test images" in ln for ln in refused), refused
 
     # three seeds a setting: n, mean ± std, min-max; and the paired t-test over the shared seeds
     accs = {s: [preds[(s, k)]["correct"].mean() for k in (0, 1, 2)] for s in ("lin", "att")}

@@ -507,3 +507,82 @@ def test_linear_probe_equals_training_on_images(tmp_path, cifar_root):
         for c in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert abs(float(r[c]) - float(s[c])) < 1e-4, (c, r, s)
     assert float(probe_rows[1]["train_loss"]) < float(probe_rows[0]["train_loss"])  # the FC did learn
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 33: model selection when validation does not rise every epoch
+
+SCRIPTED_VALIDATION = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+real, accs = train.validate, iter({accs!r})
+def scripted(net, loader, rt, stop, keep_predictions=False):
+    result = real(net, loader, rt, stop, keep_predictions)
+    if keep_predictions:  # the final test: as it is
+        return result
+    loss, _, confusion = result
+    return loss, next(accs), confusion
+train.validate = scripted
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_the_best_epoch_not_the_last_is_kept_and_tested(tmp_path, cifar_root):
+    """Validation accuracy 0.5, then 0.3, then 0.5 again (a tie keeps the first): the best
+    checkpoint is epoch 1's, last.pth epoch 3's, and the final test runs on epoch 1's weights."""
+    import checkpoints as ck
+    import report
+    driver = tmp_path / "driver.py"
+    driver.write_text(SCRIPTED_VALIDATION.format(root=ROOT, accs=[0.5, 0.3, 0.5]))
+    proc = ok(run_script(driver, "--out", tmp_path / "ck", "--log-dir", tmp_path / "log", "--run-name", "r",
+                         "--model", "sample_resnet", "--image-size", "32", "--epochs", "3", "--val-every", "1",
+                         "--train-subset", "64", "--batch-size", "32", "--val-split", "100", "--test-subset", "100",
+                         "--no-download", cwd=tmp_path, env={"CIFAR10_ROOT": cifar_root}))
+    best, last = load(tmp_path / "ck" / "r" / BEST_NAMES["sample_resnet"]), load(tmp_path / "ck" / "r" / "last.pth")
+    assert (best["epoch"], best["best_val_acc"], last["epoch"]) == (1, 0.5, 3)
+    assert "best checkpoint: epoch 1, val acc 0.5000" in proc.stdout
+    assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in best["state_dict"])
+    pred = report.read_predictions(tmp_path / "log" / "r-test.npz")
+    assert pred["meta"]["epoch"] == 1
+    model, _ = ck.load_model(str(tmp_path / "ck" / "r" / BEST_NAMES["sample_resnet"]))
+    loader = data.get_loaders(cifar_root, 32, 32, "cpu", val_split=100, test_subset=100, train_subset=64,
+                              download=False)["test"]
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in loader])
+    assert np.array_equal(logits.argmax(1).numpy(), pred["predicted"])  # the best weights' predictions
+
+
+def test_val_every_validates_those_epochs_and_the_last(tmp_path, cifar_root):
+    """Issue 33: --val-every 2 over 5 epochs validates after epochs 2, 4 and 5 (the last always),
+    and the best checkpoint is chosen among those."""
+    ok(train(tmp_path, "--run-name", "v", "--model", "sample_resnet", "--image-size", "32", "--epochs", "5",
+             "--val-every", "2", "--train-subset", "32", "--batch-size", "32", "--val-split", "100",
+             "--test-subset", "10", "--no-download", env={"CIFAR10_ROOT": cifar_root}))
+    _, rows = read_csv(tmp_path / "log" / "v.csv")
+    assert [r["epoch"] for r in rows if r["val_acc"]] == ["2", "4", "5"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert load(tmp_path / "ck" / "v" / BEST_NAMES["sample_resnet"])["epoch"] in (2, 4, 5)
+
+
+def test_compiled_run_stops_resumes_exactly_and_evaluates(tmp_path, cifar_root):
+    """Issue 33: --compile (the sample_resnet row's setting). Its checkpoints hold the plain
+    model's keys (no torch.compile "_orig_mod." prefix), it resumes where it stopped, ends with the
+    uninterrupted compiled run's weights, and evaluate.py rebuilds it. (~1 min: the first process
+    compiles; the other two reuse Inductor's cache.)"""
+    from test_faults import assert_resumed_at, assert_same_weights
+    run = ["--model", "sample_resnet", "--image-size", "32", "--epochs", "2", "--val-every", "1", "--train-subset",
+           "64", "--batch-size", "32", "--val-split", "100", "--test-subset", "50", "--no-download", "--compile"]
+    env = {"CIFAR10_ROOT": cifar_root}
+    ok(train(tmp_path, *run, "--run-name", "cut", "--stop-after", "1", env=env))
+    cut = load(tmp_path / "ck" / "cut" / "last.pth")
+    assert cut["args"]["compile"] is True and (cut["epoch"], cut["step"]) == (1, 0)
+    assert not [k for k in cut["state_dict"] if "_orig_mod" in k or k.startswith("module.")]
+    resumed = ok(run_script("train.py", "--resume", tmp_path / "ck" / "cut" / "last.pth", cwd=tmp_path, env=env))
+    assert_resumed_at(resumed.stdout, cut)
+    full = ok(train(tmp_path, *run, "--run-name", "full", env=env))
+    assert_same_weights(tmp_path / "ck" / "cut" / "last.pth", tmp_path / "ck" / "full" / "last.pth")
+    assert printed_test_acc(resumed.stdout) == printed_test_acc(full.stdout)
+    evaluated = ok(run_script("evaluate.py", tmp_path / "ck" / "cut" / BEST_NAMES["sample_resnet"], "--no-download",
+                              cwd=tmp_path, env=env))
+    assert printed_test_acc(evaluated.stdout) == printed_test_acc(full.stdout)
