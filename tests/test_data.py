@@ -511,3 +511,43 @@ def test_get_loaders_splits(cifar_root):
     assert x.shape == (100, 3, 32, 32) and y.shape == (100,)
     assert len(loaders["val"].labels) == 1000
     assert np.array_equal(np.bincount(loaders["val"].labels.numpy(), minlength=10), [100] * 10)
+
+
+def test_split_seed_keeps_the_split_and_changes_the_rest(cifar_root):
+    """Issue 32: --seed 1 --split-seed 0 holds out seed 0's validation images and tests on seed 0's
+    test subset (the same images, so runs of both seeds pair up image by image), while the
+    batches it trains on are drawn from seed 1."""
+    kw = dict(batch_size=100, image_size=32, train_subset=300, test_subset=200, val_split=1000, download=False)
+    seed0 = data.get_loaders(cifar_root, seed=0, **kw)
+    seed1 = data.get_loaders(cifar_root, seed=1, split_seed=0, **kw)
+    own1 = data.get_loaders(cifar_root, seed=1, **kw)
+    for split in ("train", "val", "test"):
+        assert torch.equal(seed0[split].images, seed1[split].images), split
+    assert not torch.equal(own1["val"].images, seed0["val"].images)
+    assert not torch.equal(next(iter(seed0["train"]))[1], next(iter(seed1["train"]))[1])  # other batches
+    _, _, _, test_y = data.load_cifar10(cifar_root, download=False)
+    assert np.array_equal(seed1["test"].labels.numpy(), test_y[data.test_indices(200, 0)])
+    assert data.split_seed({"seed": 1, "split_seed": 0}) == 0 and data.split_seed({"seed": 1}) == 1
+    assert data.split_seed({"seed": 3, "split_seed": None}) == 3
+
+
+def test_evaluate_tests_a_run_on_its_split_seeds_images(cifar_root):
+    """evaluate.py re-draws a checkpoint's test subset with the run's split seed."""
+    import argparse
+    import evaluate
+    args = argparse.Namespace(data_dir=cifar_root, batch_size=64, test_subset=None, no_download=True)
+    info = {"image_size": 32, "args": {"seed": 5, "split_seed": 0, "val_split": 5000, "test_subset": 100}}
+    labels = evaluate.test_loader(args, info, "cpu").labels.numpy()
+    _, _, _, test_y = data.load_cifar10(cifar_root, download=False)
+    assert np.array_equal(labels, test_y[data.test_indices(100, 0)])
+    assert not np.array_equal(labels, test_y[data.test_indices(100, 5)])
+
+
+def test_a_checkpoint_with_a_bad_split_seed_is_refused():
+    import checkpoints
+    args = {"model": "resnet", "optimizer": "adamw", "lr": 0.001, "weight_decay": 0.0001, "val_split": 5000,
+            "seed": 1, "image_size": 32}
+    assert checkpoints.args_problem(dict(args, split_seed=0), "resnet", 32) is None
+    assert checkpoints.args_problem(dict(args, split_seed=None), "resnet", 32) is None
+    for bad in (-1, 2**64, 1.5, "0", True):
+        assert "--split-seed" in checkpoints.args_problem(dict(args, split_seed=bad), "resnet", 32), bad

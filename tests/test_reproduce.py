@@ -207,3 +207,20 @@ def test_two_cpus_behind_one_generic_name_are_told_apart(monkeypatch):
     assert utils.cpuinfo_fields("") == {} and utils.cpu_name({})  # not Linux: still a name
     monkeypatch.setattr(report, "cpu_name", lambda: emerald)
     assert report.machine_line(report.machine_info()).startswith(f"{xeon} [family 6 model 207] (")
+
+
+def test_seeds_share_seed_0s_split():
+    """Issue 32: --seeds trains every seed on seed 0's split (the frozen rows then reuse one
+    feature cache, and all seeds are tested on the same images); one default seed passes nothing."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import reproduce
+    assert reproduce.seed_options(0, [0]) == {}
+    assert reproduce.seed_options(0, [0, 1, 2]) == {"seed": 0}
+    assert reproduce.seed_options(2, [0, 1, 2]) == {"seed": 2, "split_seed": 0}
+    argv = reproduce.train_argv("resnet", {**reproduce.PRESETS["seed-cpu"]["resnet"], **reproduce.seed_options(2, [0, 2])},
+                                "r", {"cache_dir": "/c", "log_dir": "l"})
+    assert argv[argv.index("--seed") + 1] == "2" and argv[argv.index("--split-seed") + 1] == "0"
+    assert argv[argv.index("--cache-dir") + 1] == "/c" and "--no-augment" in argv
+    # the frozen rows as the seed trained them: its augmentation, so no --no-augment
+    aug = reproduce.train_argv("resnet_att", reproduce.PRESETS["seed-cpu-augmented"]["resnet_att"], "r", {})
+    assert "--no-augment" not in aug and aug[aug.index("--epochs") + 1] == "10"
