@@ -42,6 +42,9 @@ def parse_args(argv):
                    help="train.py's per-epoch CSV of each run (its predictions <run>-test.npz beside it), or a "
                         "predictions file (.npz) of evaluate.py or train.py alone")
     p.add_argument("--out", metavar="PNG", help="the curves figure (default: the table only)")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="a paired test for every two runs; by default runs of different settings with the same "
+                        "seed (seeds of one setting are summarised by their spread instead)")
     args = p.parse_args(argv)
     if args.out and not args.out.lower().endswith(".png"):
         raise UserError(f"--out {args.out}: the figure is a PNG file, name it *.png", exit_code=2)
@@ -194,21 +197,41 @@ def same_images(a, b):
     return None
 
 
-def paired_tests(runs):
-    """-> (table rows, sentences) for every two runs with predictions; a pair on different
-    images is refused, one line on stderr each."""
+def setting_key(pred):
+    """What makes two runs seeds of one setting: their settings (report.SETTINGS) and test images."""
+    meta = pred["meta"]
+    return json.dumps([meta.get("settings"), meta["dataset"], pred["indices"].tolist()], sort_keys=True)
+
+
+def pairs_to_test(with_pred, all_pairs=False):
+    """The pairs of runs to test: every pair with ``all_pairs`` or when all runs are seeds of one
+    setting; else the pairs of runs of different settings, those with the same seed where a seed is
+    shared (per seed the split, batches and draws match), all of them for two settings that share no seed."""
+    pairs = [(a, b) for i, a in enumerate(with_pred) for b in with_pred[i + 1:]]
+    keys = {name: setting_key(pred) for name, pred in with_pred}
+    if all_pairs or len(set(keys.values())) <= 1:
+        return pairs
+    seeds = {name: pred["meta"].get("seed") for name, pred in with_pred}
+    across = [(a, b) for a, b in pairs if keys[a[0]] != keys[b[0]]]
+    both = lambda a, b: frozenset((keys[a[0]], keys[b[0]]))
+    shared = {both(a, b) for a, b in across if seeds[a[0]] == seeds[b[0]]}
+    return [(a, b) for a, b in across if both(a, b) not in shared or seeds[a[0]] == seeds[b[0]]]
+
+
+def paired_tests(runs, all_pairs=False):
+    """-> (table rows, sentences) for the pairs of runs with predictions (pairs_to_test); a pair
+    on different images is refused, one line on stderr each."""
     rows, words = [], []
     with_pred = [(name, pred) for name, _, _, pred in runs if pred is not None]
-    for i, (name_a, a) in enumerate(with_pred):
-        for name_b, b in with_pred[i + 1:]:
-            why = same_images(a, b)
-            if why:
-                warn(f"{name_a} vs {name_b}: no paired test, they were not tested on the same images ({why})")
-                continue
-            t = stats.paired(a["correct"], b["correct"])
-            rows.append([name_a, name_b, f"{t.n:,}", f"{100 * t.delta:+.2f}", f"{t.only_a:,}", f"{t.only_b:,}",
-                         stats.format_p(t.p_value), f"[{100 * t.ci[0]:+.2f}, {100 * t.ci[1]:+.2f}]"])
-            words.append(stats.verdict(name_a, name_b, t.delta, t.ci, t.p_value))
+    for (name_a, a), (name_b, b) in pairs_to_test(with_pred, all_pairs):
+        why = same_images(a, b)
+        if why:
+            warn(f"{name_a} vs {name_b}: no paired test, they were not tested on the same images ({why})")
+            continue
+        t = stats.paired(a["correct"], b["correct"])
+        rows.append([name_a, name_b, f"{t.n:,}", f"{100 * t.delta:+.2f}", f"{t.only_a:,}", f"{t.only_b:,}",
+                     stats.format_p(t.p_value), f"[{100 * t.ci[0]:+.2f}, {100 * t.ci[1]:+.2f}]"])
+        words.append(stats.verdict(name_a, name_b, t.delta, t.ci, t.p_value))
     return rows, words
 
 
@@ -224,8 +247,7 @@ def setting_groups(runs):
         if pred is None:
             continue
         meta = pred["meta"]
-        key = json.dumps([meta.get("settings"), meta["dataset"], pred["indices"].tolist()], sort_keys=True)
-        members = groups.setdefault(key, [])
+        members = groups.setdefault(setting_key(pred), [])
         if any(seed == meta.get("seed") for seed, _, _ in members):
             warn(f"{name}: the same setting and seed ({meta.get('seed')}) as a run before it: counted once among "
                  f"the seeds")
@@ -267,9 +289,9 @@ SPREAD_HEADER = ["setting", "n", "test acc mean ± std", "min–max", "seeds"]
 GROUP_HEADER = ["A", "B", "test", "Δ mean acc A−B (points)", "95% CI of Δ", "p"]
 
 
-def significance_report(runs):
+def significance_report(runs, all_pairs=False):
     """The Markdown sections after the runs' table: paired tests, seeds, and the sentences."""
-    paired_rows, words = paired_tests(runs)
+    paired_rows, words = paired_tests(runs, all_pairs)
     spread_rows, group_rows, group_words = seed_tables(setting_groups(runs))
     parts = []
     if paired_rows:
@@ -319,7 +341,7 @@ def main(argv=None):
     runs = [run_row(path) for path in args.csv]  # every file read before any output
     add_intervals(runs)
     print(table([cells for _, cells, _, _ in runs]))
-    more = significance_report(runs)
+    more = significance_report(runs, args.all_pairs)
     if more:
         print("\n" + more)
     if args.out:

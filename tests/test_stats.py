@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import zipfile
 
 import numpy as np
@@ -333,8 +334,10 @@ def test_compare_tells_which_differences_are_real(tmp_path, capsys):
     assert len(pair) == 1
     assert pair[0] == (f"| lin-seed0 | att-seed0 | 2,000 | {100 * t.delta:+.2f} | {t.only_a:,} | {t.only_b:,} | "
                        f"{stats.format_p(t.p_value)} | [{100 * t.ci[0]:+.2f}, {100 * t.ci[1]:+.2f}] |")
-    assert len([ln for ln in out.splitlines() if ln.startswith("| lin-seed") or ln.startswith("| att-seed")]) \
-        == 6 + 15  # six runs' rows, then the 15 pairs among them
+    pair_rows = lambda text: [ln for ln in text.splitlines() if re.match(r"\| (lin|att)-seed\d \| (lin|att)-seed\d \|", ln)]
+    # by default the two settings' runs of the same seed (seeds of one setting: their spread)
+    assert [ln.split(" | ")[:2] for ln in pair_rows(out)] == [["| lin-seed0", "att-seed0"], ["| lin-seed1", "att-seed1"],
+                                                              ["| lin-seed2", "att-seed2"]]
     # the run on other images: refused for the paired tests, one line per pair, saying why
     refused = [ln for ln in err.splitlines() if "other-images: no paired test" in ln]
     assert len(refused) == 6 and all("not tested on the same images (2,000 against 500" in ln for ln in refused)
@@ -352,6 +355,9 @@ def test_compare_tells_which_differences_are_real(tmp_path, capsys):
     # and in words
     assert "- " + stats.verdict("lin-seed0", "att-seed0", t.delta, t.ci, t.p_value) in out.splitlines()
     assert "resnet_att (n=3) is better than resnet (n=3)" in out
+    # --all-pairs: the 15 pairs among the six runs
+    assert compare.main(argv + ["--all-pairs"]) == 0
+    assert len(pair_rows(capsys.readouterr()[0])) == 15
 
 
 def test_compare_runs_without_predictions_still_table(tmp_path, capsys):
