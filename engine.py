@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from utils import all_reduce_sum
 
 # ----------------------------------------------------------------------------------------------
-# Hyperparameters: one place. Per-model defaults were picked on the validation split (README,
-# "Training defaults"). The ImageNet starts are fine-tuned with a 10x smaller learning rate than
+# Hyperparameters: one place. Per-model defaults were picked on the validation split (docs/
+# training.md, "Training defaults"). The ImageNet starts are fine-tuned with a 10x smaller learning rate than
 # the from-scratch sample_resnet; the frozen models train only their head, for which AdamW needs
 # no tuning of the lr to the (un-normalised) scale of the pooled ResNet features.
 MODEL_DEFAULTS = {

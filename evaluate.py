@@ -8,7 +8,7 @@ diagram (calibration: accuracy against confidence in 15 bins, and the expected c
 and the per-image test predictions, <name>-test.npz, which compare.py reads for its paired tests.
 
 The model is rebuilt from the checkpoint alone (its name, layout and image size are recorded in it).
-From Python: ``model, info = checkpoints.load_model(path)`` (README, "Evaluate and predict").
+From Python: ``model, info = checkpoints.load_model(path)`` (docs/evaluate.md).
 """
 import argparse
 import os

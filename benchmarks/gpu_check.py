@@ -1,4 +1,4 @@
-"""What a lent GPU should tell us first, in the order of what it is worth (README, "The GPU check").
+"""What a lent GPU should tell us first, in the order of what it is worth (docs/gpus.md, "The GPU check").
 
     python3 benchmarks/gpu_check.py --data-dir cifar --out $OUT                  # a device call: timeout_s 250
     python benchmarks/gpu_check.py --rehearse --budget 300 --out /tmp/rehearsal   # the whole script on the CPU
@@ -49,7 +49,7 @@ from report import machine_info, machine_line, read_run  # noqa: E402
 from utils import read_text  # noqa: E402
 
 # Time. A device call of timeout_s 250 with the default budget leaves room for a second call
-# within 15 minutes of machine time, two start-ups included (README, "The GPU check").
+# within 15 minutes of machine time, two start-ups included (docs/gpus.md, "The GPU check").
 BUDGET_S = 220  # the whole script, by default
 PACK_S = 10  # kept for the last report and tarball
 GRACE_S = 15  # SIGINT to SIGKILL: train.py ends its step and saves last.pth; pytest and bench.py report

@@ -211,7 +211,7 @@ def test_each_model_trains_with_its_own_defaults():
     momentum 0.9 for sample_resnet and the fine-tuned models, AdamW for the frozen heads, each with
     its learning rate and weight decay; a value given on the command line wins."""
     import train
-    expected = {  # README, "Training defaults"
+    expected = {  # docs/training.md, "Training defaults"
         "sample_resnet": (torch.optim.SGD, 0.1, 5e-4),
         "resnet": (torch.optim.AdamW, 1e-3, 1e-4),
         "resnet_att": (torch.optim.AdamW, 1e-3, 5e-2),

@@ -177,7 +177,7 @@ DEVICE_S, MIN_START_S = 15 * 60, 4 * 60  # a task's device time; no machine star
 
 
 def readme_gpu_section():
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "docs", "gpus.md")).read()
     return text[text.index("### The GPU check"):][:6000].split("\n## ")[0]
 
 
