@@ -34,6 +34,7 @@ import torch
 import data
 import engine
 from models import MODELS, build_model
+from report import SETTINGS
 from torchfile import plain_tensor, safe_load
 from utils import UserError, broadcast, first_line, versions
 
@@ -101,9 +102,33 @@ def record_problem(ckpt, args_parser=None):
     through reprlib: short, and safe from a list nested a thousand deep."""
     if not isinstance(ckpt, dict):
         return f"a {type(ckpt).__name__}, not a dict"
+    if ckpt.get("format") == RELEASE_FORMAT:
+        return "it is a weights-only release file (export.py): it cannot resume; evaluate.py and load_model read it"
     if [k for k in KEYS if k not in ckpt]:
         return "no " + ", ".join(k for k in KEYS if k not in ckpt)
-    model, classes, opt = ckpt["model"], ckpt["classes"], ckpt["optimizer"]
+    problem = network_problem(ckpt)
+    if problem:
+        return problem
+    opt = ckpt["optimizer"]
+    if not count(ckpt["step"]):
+        return "its step is not a count"
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])
+            and isinstance(ckpt["scheduler"], dict)):
+        return "its optimizer or scheduler is not a state_dict of torch.optim"
+    meter, rng = ckpt["meter"], ckpt["rng_state"]
+    if not (isinstance(meter, dict) and set(meter) <= {"loss", "correct", "count"} and number(meter.get("loss", 0))
+            and count(meter.get("correct", 0)) and count(meter.get("count", 0))):
+        return "its meter is not {loss: a number, correct, count: counts}"
+    if not (torch.is_tensor(rng) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+        return "its rng_state is not torch.get_rng_state()'s"
+    return args_problem(ckpt["args"], ckpt["model"]["name"], ckpt["image_size"], args_parser)
+
+
+def network_problem(ckpt):
+    """What a checkpoint and a release file share, checked: the network's record and weights, its
+    image size and classes, the epoch and validation accuracy it was chosen at, its run's name."""
+    model, classes = ckpt["model"], ckpt["classes"]
     if not (isinstance(model, dict) and set(MODEL_RECORD) <= model.keys() and isinstance(ckpt["state_dict"], dict)
             and isinstance(ckpt["args"], dict)):
         return f"its model record is not {{{', '.join(MODEL_RECORD)}}} or its state_dict/args not dicts"
@@ -119,21 +144,11 @@ def record_problem(ckpt, args_parser=None):
     if not (count(ckpt["image_size"]) and 0 < ckpt["image_size"] <= MAX_IMAGE_SIZE):
         return (f"its image_size {reprlib.repr(ckpt['image_size'])} is not a whole number of pixels "
                 f"from 1 to {MAX_IMAGE_SIZE}")
-    if not (count(ckpt["epoch"]) and count(ckpt["step"]) and number(ckpt["best_val_acc"])):
-        return "its epoch and step are not counts or its best_val_acc not a number"
+    if not (count(ckpt["epoch"]) and number(ckpt["best_val_acc"])):
+        return "its epoch is not a count or its best_val_acc not a number"
     if not (isinstance(ckpt["run_name"], str) and ckpt["run_name"] and "\0" not in ckpt["run_name"]):
         return f"its run_name {reprlib.repr(ckpt['run_name'])} is not a name"
-    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])
-            and isinstance(ckpt["scheduler"], dict)):
-        return "its optimizer or scheduler is not a state_dict of torch.optim"
-    meter, rng = ckpt["meter"], ckpt["rng_state"]
-    if not (isinstance(meter, dict) and set(meter) <= {"loss", "correct", "count"} and number(meter.get("loss", 0))
-            and count(meter.get("correct", 0)) and count(meter.get("count", 0))):
-        return "its meter is not {loss: a number, correct, count: counts}"
-    if not (torch.is_tensor(rng) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
-        return "its rng_state is not torch.get_rng_state()'s"
-    return args_problem(ckpt["args"], model["name"], ckpt["image_size"], args_parser)
+    return None
 
 
 def count(value):
@@ -334,16 +349,68 @@ def state_dict_mismatch(expected, given):
 
 
 def load_model(path, device="cpu"):
-    """-> (network in eval mode on ``device``, info): the user's way to use a checkpoint from Python.
+    """-> (network in eval mode on ``device``, info): the user's way to use a checkpoint, or a
+    release file of export.py, from Python.
 
-    ``info``: name, classes, image_size, epoch, best_val_acc, run_name, and ``transform``, which
-    turns an RGB PIL image into the network's input as evaluation does."""
-    ckpt = load_checkpoint(path)
+    ``info``: name, classes, image_size, epoch, best_val_acc, run_name, args (the run's; a
+    release file's settings and split only), test_acc (a release file's, else None), and
+    ``transform``, which turns an RGB PIL image into the network's input as evaluation does."""
+    ckpt = safe_load(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == RELEASE_FORMAT:
+        problem = release_problem(ckpt)
+        if problem:
+            raise UserError(f"{path} is not a release file of this project ({problem}); export.py writes them")
+    else:
+        problem = record_problem(ckpt)
+        if problem:
+            raise UserError(f"{path} is not a checkpoint of this project ({problem}); train.py writes them")
     model = model_from_checkpoint(ckpt, path, resuming=False).to(device).eval()
     info = {"name": ckpt["model"]["name"], "classes": list(ckpt["classes"]), "image_size": ckpt["image_size"],
             "epoch": ckpt["epoch"], "best_val_acc": ckpt["best_val_acc"], "run_name": ckpt["run_name"],
-            "args": ckpt["args"], "transform": data.eval_transform(ckpt["image_size"])}
+            "args": ckpt["args"], "test_acc": ckpt.get("test_acc"),
+            "transform": data.eval_transform(ckpt["image_size"])}
     return model, info
+
+
+# ----------------------------------------------------------------------------------------------
+# The release file (export.py): the network alone, for use elsewhere
+
+RELEASE_FORMAT = "cifar10-cbam-release"  # a weights-only file: no optimiser, nothing to resume
+RELEASE_VERSION = 1
+# Of the run's arguments, what a release keeps: its settings (compare.py groups by them) and what
+# re-draws its test split (evaluate.py); nothing of where it ran.
+RELEASE_ARGS = SETTINGS + ("seed", "split_seed")
+RELEASE_KEYS = ("format", "version", "model", "state_dict", "image_size", "classes", "mean", "std", "epoch",
+                "best_val_acc", "test_acc", "run_name", "args", "versions")
+
+
+def release_state(ckpt, dtype=torch.float32, test_acc=None):
+    """The release file's dict of a checkpoint: its network's weights (conv and linear weights in
+    ``dtype``; biases and BatchNorm statistics, a few KB, stay float32: a running variance below
+    float16's 6e-5 would lose its digits), what rebuilds and feeds the network, and where it came from."""
+    weights = {k: v.detach().to(dtype) if v.is_floating_point() and v.dim() >= 2 else v.detach()
+               for k, v in ckpt["state_dict"].items()}
+    return {"format": RELEASE_FORMAT, "version": RELEASE_VERSION, "model": dict(ckpt["model"]), "state_dict": weights,
+            "image_size": ckpt["image_size"], "classes": list(ckpt["classes"]), "mean": list(data.MEAN),
+            "std": list(data.STD), "epoch": ckpt["epoch"], "best_val_acc": ckpt["best_val_acc"], "test_acc": test_acc,
+            "run_name": ckpt["run_name"], "args": {k: ckpt["args"].get(k) for k in RELEASE_ARGS},
+            "versions": versions()}
+
+
+def release_problem(obj):
+    """Why ``obj`` is not a release file release_state wrote, or None."""
+    if [k for k in RELEASE_KEYS if k not in obj]:
+        return "no " + ", ".join(k for k in RELEASE_KEYS if k not in obj)
+    if obj["version"] != RELEASE_VERSION:
+        return f"version {reprlib.repr(obj['version'])}, this code reads version {RELEASE_VERSION}"
+    problem = network_problem(obj)
+    if problem:
+        return problem
+    if not (obj["test_acc"] is None or (number(obj["test_acc"]) and 0 <= obj["test_acc"] <= 1)):
+        return f"its test_acc {reprlib.repr(obj['test_acc'])} is not an accuracy"
+    if list(obj["mean"]) != list(data.MEAN) or list(obj["std"]) != list(data.STD):
+        return "its mean/std are not the normalisation this code applies"
+    return args_problem(obj["args"], obj["model"]["name"], obj["image_size"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
     python evaluate.py checkpoints/<run>/ResNet_att.pth                # test loss, accuracy, per class
     python evaluate.py checkpoints/<run>/ResNet_att.pth --images a.png b.jpg   # top-3 per image
+    python evaluate.py checkpoints/<run>/ResNet_att.onnx               # the same test through ONNX Runtime
+
+CHECKPOINT may be a train.py checkpoint, a release file or an ONNX file of export.py: one
+evaluation path for all three (the same images, the same preprocessing), so their test accuracy
+and images/s can be set side by side.
 
 Beside the checkpoint (or where the options say) it writes the confusion matrix, the reliability
 diagram (calibration: accuracy against confidence in 15 bins, and the expected calibration error)
@@ -13,11 +18,13 @@ From Python: ``model, info = checkpoints.load_model(path)`` (docs/evaluate.md).
 import argparse
 import os
 import sys
+import time
 
 import torch
 
 import checkpoints
 import data
+import deploy
 from data import load_image  # noqa: F401 -- evaluate.load_image: the reader of --images
 import engine
 import report
@@ -75,20 +82,26 @@ def main(argv=None):
                         exit_code=2)
     if args.test_subset and args.test_subset > 10000:  # a usage error: say so before any loading
         raise UserError(f"--test-subset {args.test_subset} is larger than the 10,000 test images", exit_code=2)
-    rt = setup_runtime(args.device, distributed=False)
-    model, info = checkpoints.load_model(args.checkpoint, rt.device)
+    onnx = args.checkpoint.lower().endswith(".onnx")
+    rt = setup_runtime("cpu" if onnx else args.device, distributed=False)  # ONNX Runtime: its CPU provider
+    model, info = deploy.load_onnx(args.checkpoint) if onnx else checkpoints.load_model(args.checkpoint, rt.device)
 
     if args.images:
         predict(model, args.images, info, rt)
         return 0
 
     classes, image_size = info["classes"], info["image_size"]
-    loss, acc, confusion, (probs, predicted, labels) = engine.evaluate(model, test_loader(args, info, rt.device), rt.device,
-                                                            rt.autocast, len(classes), keep_predictions=True)
+    loader = test_loader(args, info, rt.device)
+    started = time.perf_counter()
+    loss, acc, confusion, (probs, predicted, labels) = engine.evaluate(model, loader, rt.device, rt.autocast,
+                                                                       len(classes), keep_predictions=True)
+    seconds = time.perf_counter() - started
     print(f"{info['name']} ({args.checkpoint}), epoch {info['epoch']}, "
           f"{confusion.sum().item()} test images at {image_size} px")
     print(f"Test loss : {loss:.4f}")
     print(f"Test Acc : {acc:.4f}")
+    print(f"Test images/s : {len(labels) / seconds:.1f} ({'ONNX Runtime' if onnx else 'PyTorch'} on {rt.device}, "
+          f"{rt.precision}, batch {args.batch_size}, resizing included)")
     print(f"{'class':<12}{'correct':>8}{'total':>8}{'accuracy':>10}")
     for i, name in enumerate(classes):
         total = confusion[i].sum().item()

@@ -151,10 +151,15 @@ class ResNet50Classifier(nn.Module):
         return self
 
     def features(self, x):
+        if self.frozen and torch.is_grad_enabled():  # no autograd through a frozen backbone
+            with torch.no_grad():
+                return self.backbone_features(x)
+        return self.backbone_features(x)  # (no grad-mode switch in the graph: torch.export traces it)
+
+    def backbone_features(self, x):
         r = self.backbone
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
-            return r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        return r.layer4(r.layer3(r.layer2(r.layer1(x))))
 
     def forward(self, x):
         return self.head(self.features(x))

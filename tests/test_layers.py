@@ -6,7 +6,7 @@ import os
 
 from conftest import ROOT
 
-COMMANDS = {"train", "evaluate", "explain", "compare"}  # top-level scripts a user runs, and every benchmark
+COMMANDS = {"train", "evaluate", "explain", "compare", "export"}  # top-level scripts a user runs, and every benchmark
 
 
 def project_modules():
