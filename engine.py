@@ -176,14 +176,15 @@ class Stopped(Exception):
         return self.args[0]
 
 
-def evaluate(net, loader, device, autocast, num_classes=10, stop=None, keep_predictions=False):
+def evaluate(net, loader, device, autocast, num_classes=10, stop=None, keep_predictions=False, progress=None):
     """(mean loss, accuracy, confusion matrix [true, predicted] on the CPU) over every sample of
     ``loader`` exactly once. Loss and confusion accumulate on the device (a scatter-add, which
     unlike ``bincount`` needs no host sync on CUDA); under DDP each rank holds a disjoint share and
     the sums are reduced. ``stop`` (utils.StopSignals): raise Stopped before the next batch once
     a stop signal arrived. ``keep_predictions``: a fourth item, (probabilities float16 (N, classes),
     predicted classes (N,), labels (N,)) on the CPU, in the loader's order over all ranks (what
-    report.save_predictions writes)."""
+    report.save_predictions writes). ``progress``: called with each batch's image count (a
+    report.Progress's ``update``)."""
     net.eval()
     kept = []  # per batch: (softmax probabilities, predicted classes, labels), on the device until the end
     with torch.inference_mode():
@@ -199,6 +200,8 @@ def evaluate(net, loader, device, autocast, num_classes=10, stop=None, keep_pred
             confusion.index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
             if keep_predictions:
                 kept.append((logits.softmax(1).half(), logits.argmax(1), y.clone()))
+            if progress is not None:
+                progress(len(y))
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(confusion)
             torch.distributed.all_reduce(loss_sum)

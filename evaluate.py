@@ -92,9 +92,13 @@ def main(argv=None):
 
     classes, image_size = info["classes"], info["image_size"]
     loader = test_loader(args, info, rt.device)
+    progress = report.Progress(len(loader.labels), "testing", every_s=30.0)
     started = time.perf_counter()
-    loss, acc, confusion, (probs, predicted, labels) = engine.evaluate(model, loader, rt.device, rt.autocast,
-                                                                       len(classes), keep_predictions=True)
+    try:
+        loss, acc, confusion, (probs, predicted, labels) = engine.evaluate(
+            model, loader, rt.device, rt.autocast, len(classes), keep_predictions=True, progress=progress.update)
+    finally:
+        progress.close()
     seconds = time.perf_counter() - started
     print(f"{info['name']} ({args.checkpoint}), epoch {info['epoch']}, "
           f"{confusion.sum().item()} test images at {image_size} px")
