@@ -143,8 +143,9 @@ def group_difference(accs_a, accs_b, seeds_a=None, seeds_b=None, confidence=CONF
 def verdict(name_a, name_b, delta, ci, p_value):
     """One sentence a reader can act on, e.g. "resnet_att_scratch vs resnet_scratch: -0.15 points,
     95% CI [-0.42, +0.12], p = 0.29: no evidence of a difference"."""
+    p_text = format_p(p_value)
     figures = (f"{name_a} vs {name_b}: {100 * delta:+.2f} points, {CONFIDENCE:.0%} CI "
-               f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}], p = {format_p(p_value)}")
+               f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}], p {p_text if p_text.startswith('<') else '= ' + p_text}")
     if p_value >= SIGNIFICANCE:
         return figures + ": no evidence of a difference"
     better, worse = (name_a, name_b) if delta > 0 else (name_b, name_a)

@@ -119,7 +119,8 @@ def test_spread_and_words():
     words = stats.verdict("resnet_att_scratch", "resnet_scratch", -0.0015, (-0.0042, 0.0012), 0.29)
     assert words == ("resnet_att_scratch vs resnet_scratch: -0.15 points, 95% CI [-0.42, +0.12], p = 0.29: "
                      "no evidence of a difference")
-    assert stats.verdict("a", "b", -0.01, (-0.015, -0.005), 0.001).endswith(": b is better than a")
+    assert stats.verdict("a", "b", -0.01, (-0.015, -0.005), 0.001).endswith("p = 0.001: b is better than a")
+    assert stats.verdict("a", "b", 0.01, (0.005, 0.015), 1e-9).endswith("p < 0.0001: a is better than b")
 
 
 def test_expected_calibration_error_by_hand():
