@@ -34,7 +34,7 @@ import torch
 import data
 import engine
 from models import MODELS, build_model
-from report import SETTINGS
+from report import run_settings
 from torchfile import plain_tensor, safe_load
 from utils import UserError, broadcast, first_line, versions
 
@@ -377,9 +377,8 @@ def load_model(path, device="cpu"):
 
 RELEASE_FORMAT = "cifar10-cbam-release"  # a weights-only file: no optimiser, nothing to resume
 RELEASE_VERSION = 1
-# Of the run's arguments, what a release keeps: its settings (compare.py groups by them) and what
-# re-draws its test split (evaluate.py); nothing of where it ran.
-RELEASE_ARGS = SETTINGS + ("seed", "split_seed")
+# Of the run's arguments a release keeps its settings (report.run_settings: compare.py groups by
+# them) and its seeds (evaluate.py re-draws its test split with them); nothing of where it ran.
 RELEASE_KEYS = ("format", "version", "model", "state_dict", "image_size", "classes", "mean", "std", "epoch",
                 "best_val_acc", "test_acc", "run_name", "args", "versions")
 
@@ -393,7 +392,8 @@ def release_state(ckpt, dtype=torch.float32, test_acc=None):
     return {"format": RELEASE_FORMAT, "version": RELEASE_VERSION, "model": dict(ckpt["model"]), "state_dict": weights,
             "image_size": ckpt["image_size"], "classes": list(ckpt["classes"]), "mean": list(data.MEAN),
             "std": list(data.STD), "epoch": ckpt["epoch"], "best_val_acc": ckpt["best_val_acc"], "test_acc": test_acc,
-            "run_name": ckpt["run_name"], "args": {k: ckpt["args"].get(k) for k in RELEASE_ARGS},
+            "run_name": ckpt["run_name"], "args": {**run_settings(ckpt["args"]), "seed": ckpt["args"]["seed"],
+                                                   "split_seed": ckpt["args"].get("split_seed")},
             "versions": versions()}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import data
+from report import run_settings
 from utils import UserError, first_line
 
 ONNX_OPSET = 18
@@ -51,8 +52,8 @@ def metadata(info):
     """The fields a file carries about its network (``info``: checkpoints.load_model's)."""
     return {"model": info["name"], "image_size": info["image_size"], "mean": list(data.MEAN), "std": list(data.STD),
             "classes": list(info["classes"]), "run_name": info["run_name"], "epoch": info["epoch"],
-            "test_acc": info.get("test_acc"), "args": {k: info["args"].get(k) for k in ("model", "seed", "split_seed",
-                                                                                         "val_split", "test_subset")}}
+            "test_acc": info.get("test_acc"), "args": {**run_settings(info["args"]), "seed": info["args"]["seed"],
+                                                       "split_seed": info["args"].get("split_seed")}}
 
 
 def info_from(meta, path):

@@ -337,16 +337,22 @@ SETTINGS = ("model", "weights", "epochs", "batch_size", "lr", "optimizer", "weig
             "image_size", "no_augment", "val_split", "train_subset", "test_subset")
 
 
+def run_settings(args):
+    """The SETTINGS of a run's arguments (a dict), as files handed to others keep them: a local
+    weights file by its name, not where it lay on the training machine."""
+    weights = args.get("weights")
+    if weights not in (None, "imagenet", "imagenet_v2", "none"):
+        weights = os.path.basename(str(weights))
+    settings = {k: args.get(k) for k in SETTINGS}
+    settings["weights"] = None if args.get("model") == "sample_resnet" else weights  # sample_resnet ignores it
+    return settings
+
+
 def predictions_meta(dataset, classes, args, run, checkpoint, epoch, loss, acc):
     """What a predictions file says of itself: the data set and classes, the run, its seed and
     settings (SETTINGS of train.py's ``args``), the checkpoint and its epoch, the test loss and accuracy."""
-    weights = args.get("weights")
-    if weights not in (None, "imagenet", "imagenet_v2", "none"):
-        weights = os.path.basename(str(weights))  # a local file: its name, not where it lay
-    settings = {k: args.get(k) for k in SETTINGS}
-    settings["weights"] = None if args.get("model") == "sample_resnet" else weights  # sample_resnet ignores it
     return {"dataset": dataset, "classes": list(classes), "run": run, "seed": args.get("seed"),
-            "settings": settings, "checkpoint": checkpoint, "epoch": epoch,
+            "settings": run_settings(args), "checkpoint": checkpoint, "epoch": epoch,
             "test_loss": round(float(loss), 6), "test_acc": round(float(acc), 6)}
 
 

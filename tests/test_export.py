@@ -224,3 +224,16 @@ def test_a_release_file_cannot_resume(tmp_path, capsys):
     export_main(capsys, ckpt)
     with pytest.raises(UserError, match="weights-only release file"):
         checkpoints.load_checkpoint(str(tmp_path / "m-release.pth"))
+
+
+def test_files_for_others_name_a_weights_file_not_where_it_lay(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "m.pth", "resnet")
+    raw = torch.load(ckpt, weights_only=True)
+    raw["args"]["weights"] = "/home/someone/secret/resnet50.pth"
+    torch.save(raw, ckpt)
+    export_main(capsys, ckpt)
+    export_main(capsys, ckpt, "--format", "onnx")
+    assert torch.load(tmp_path / "m-release.pth", weights_only=True)["args"]["weights"] == "resnet50.pth"
+    _, info = deploy.load_onnx(str(tmp_path / "m.onnx"))
+    assert info["args"]["weights"] == "resnet50.pth" and info["args"]["image_size"] == 32
+    assert b"/home/someone" not in (tmp_path / "m.onnx").read_bytes()
