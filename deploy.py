@@ -25,7 +25,7 @@ import torch
 
 import data
 from report import run_settings
-from utils import UserError, first_line
+from utils import UserError, atomic_path, first_line
 
 ONNX_OPSET = 18
 INPUT, OUTPUT = "input", "logits"
@@ -80,22 +80,16 @@ def example_batch(info, n=2, seed=0):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """A temporary name beside ``path`` to write to; renamed over ``path`` when the block ends
-    without an error, removed otherwise: a reader never sees half a file."""
+def written_atomically(path):
+    """utils.atomic_path, with a write error (disk full, read-only) as one line."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: {folder} is not a folder", exit_code=2)
-    stem, ext = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(folder, f".{stem}.tmp{os.getpid()}{ext}")  # the extension kept: torch.export wants .pt2
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            yield tmp
     except OSError as e:
         raise UserError(f"could not write {path}: {e.strerror or e}; nothing was written") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +112,7 @@ def export_onnx(model, info, path):
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # onnx's checker raises its own ValidationError and friends
         raise UserError(f"the exported ONNX graph fails onnx.checker ({type(e).__name__}: {first_line(e)})") from None
-    with atomic_path(path) as tmp:
+    with written_atomically(path) as tmp:
         onnx.save(proto, tmp)
 
 
@@ -163,7 +157,7 @@ def export_program(model, info, path):
     dynamic = ({0: torch.export.Dim("batch")},)
     with torch.no_grad():
         program = torch.export.export(model.eval(), (example_batch(info),), dynamic_shapes=dynamic)
-    with atomic_path(path) as tmp:
+    with written_atomically(path) as tmp:
         torch.export.save(program, tmp, extra_files={"meta.json": json.dumps(metadata(info))})
 
 

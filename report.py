@@ -2,7 +2,6 @@
 accuracy curves, the confusion matrix, live curves in TensorBoard, progress bars for every long
 phase, and the machine a figure was measured on; and reading a run's CSV and log back for the
 tables of compare.py and the benchmarks."""
-import contextlib
 import csv
 import json
 import logging
@@ -16,7 +15,7 @@ import zipfile
 import numpy as np
 import torch
 
-from utils import UserError, cpu_has_amx, cpu_has_avx512_bf16, cpu_name
+from utils import UserError, atomic_path, cpu_has_amx, cpu_has_avx512_bf16, cpu_name
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 
@@ -368,19 +367,15 @@ def save_predictions(path, probs, labels, indices, meta, predicted=None):
     if not (len(probs) == len(labels) == len(indices)) or probs.ndim != 2:
         raise ValueError(f"predictions of {len(probs)} images, {len(labels)} labels, {len(indices)} indices")
     meta = dict(meta, format=PREDICTIONS_FORMAT)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, probs=probs.astype(np.float16), predicted=predicted.astype(np.int64),
                                 labels=labels.astype(np.int64),
                                 indices=indices.astype(np.int64), meta=np.array(json.dumps(meta, sort_keys=True)))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise cannot_write(path, e) from None
 
 

@@ -138,6 +138,21 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside ``path`` to write to (hidden, the extension kept: some writers want
+    it): renamed over ``path`` when the block ends without an error, removed otherwise, so a
+    reader sees the old file or the whole new one, never half of one."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{stem}.tmp{os.getpid()}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
 def tune_cpu_allocator():
     """Keep freed memory in the process instead of handing it back to the OS.
 
