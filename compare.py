@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 import checkpoints
+import data
 import report
 import stats
 from utils import Parser, UserError, read_text, run_cli
@@ -101,11 +102,12 @@ def run_row(csv_path):
     if not info:
         warn(f"{name}: no log {log_path} (or no run line in it): model, parameters, image size, test "
              f"accuracy and training images are unknown")
-    args = {}
+    args, classes = {}, None
     ckpt = find_checkpoint(log_path, info)
     if ckpt:
         try:
-            args = checkpoints.load_checkpoint(ckpt)["args"]
+            loaded = checkpoints.load_checkpoint(ckpt)
+            args, classes = loaded["args"], loaded["classes"]
         except UserError as e:
             warn(f"{name}: {e}; training images unknown")
     elif info:
@@ -117,7 +119,7 @@ def run_row(csv_path):
     planned = int(info["epochs"]) if "epochs" in info else args.get("epochs")
     figures = report.run_figures(rows, info)
     done = figures["epochs_done"]
-    train_images = (args.get("train_subset") or 50000 - args["val_split"]) if "val_split" in args else None
+    train_images = cifar_train_images(args, classes == list(data.CLASSES))
     fmt = lambda v, spec: MISSING if v is None else format(v, spec)
     cells = [
         name, info.get("model", args.get("model", MISSING)),
@@ -145,9 +147,19 @@ def predictions_row(path):
         name = checkpoint if "/" in checkpoint else f"{name}/{checkpoint}"
     cells = [name, str(settings.get("model", MISSING)), MISSING, MISSING, f"{pred['correct'].mean():.4f}", MISSING,
              MISSING, str(meta.get("epoch", MISSING)), str(settings.get("image_size", MISSING)),
-             fmt_count(settings.get("train_subset") or (50000 - settings["val_split"] if settings.get("val_split")
-                                                          else None)), MISSING, MISSING]
+             fmt_count(cifar_train_images(settings, meta.get("dataset") == data.DATASET)), MISSING, MISSING]
     return name, cells, [], pred
+
+
+def cifar_train_images(settings, cifar):
+    """A run's training images from its settings: its --train-subset, or CIFAR-10's 50,000 less
+    its --val-split; None (unknown) for another data set without a subset."""
+    held = settings.get("val_split")
+    if settings.get("train_subset"):
+        return settings["train_subset"]
+    if not cifar or held is None:
+        return None
+    return 50000 - (held if held >= 1 else round(held * 5000) * 10)
 
 
 def fmt_count(v):

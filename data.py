@@ -1,7 +1,10 @@
-"""CIFAR-10: loading, splits, the seed's PIL transforms and a batched on-device augmentation.
+"""The data: CIFAR-10 or a folder of your own images, splits, the seed's PIL transforms and a
+batched on-device augmentation.
 
-Everything starts from uint8 arrays (N, 32, 32, 3) and int64 labels, loaded once.
-Two interchangeable data paths produce the same kind of normalised batches:
+Everything starts from uint8 images (N, B, B, 3) and int64 labels: CIFAR-10's arrays (B = 32),
+loaded once, or an image folder's memory-mapped cache (folders.py; B is its base size).
+``open_dataset`` chooses the source from --data-dir. Two interchangeable data paths produce the
+same kind of normalised batches from either:
 
 * ``pil``     -- the seed's pipeline: torchvision PIL transforms in a DataLoader, one image at a time.
 * ``tensor``  -- the images stay on the training device as one uint8 tensor; each batch is flipped,
@@ -14,12 +17,15 @@ import sys
 import urllib.error
 import warnings
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+import folders
 from utils import UserError, first_line
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -27,6 +33,8 @@ MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: the pretrained backbones ex
 STD = (0.229, 0.224, 0.225)
 TEST_IMAGES = 10000  # CIFAR-10's test set
 DATASET = "cifar10"  # names the test set in the predictions files (report.save_predictions)
+CIFAR_VAL_SPLIT = 5000  # --val-split's default for CIFAR-10; an image folder without val/ holds out:
+FOLDER_VAL_FRACTION = 0.1  # the same tenth of each class (at least one image)
 CROP_SCALE = (0.8, 1.0)  # the seed's RandomResizedCrop(scale=(0.8, 1.0), ratio=(1, 1))
 
 # Official md5 of the CIFAR-10 binary version (the same values cifar-10-binary.tar.gz unpacks to).
@@ -136,17 +144,20 @@ def load_cifar10(root="cifar", download=True):
 
 
 def split_train_val(labels, val_size, seed):
-    """Class-balanced, seeded hold-out: (train_idx, val_idx) into ``labels``."""
+    """Class-balanced, seeded hold-out: (train_idx, val_idx) into ``labels``. ``val_size``: a
+    number of images (a multiple of the classes, the same from each), or a fraction below 1 of
+    each class (rounded, at least one image)."""
     classes = np.unique(labels)
-    if val_size % len(classes):
+    if val_size >= 1 and val_size % len(classes):
         raise UserError(f"--val-split {val_size} must be a multiple of {len(classes)} (class-balanced)", exit_code=2)
-    per_class = val_size // len(classes)
     rng = np.random.default_rng(seed)
     val = []
     for c in classes:
         idx = np.flatnonzero(labels == c)
+        per_class = int(val_size) // len(classes) if val_size >= 1 else max(1, round(val_size * len(idx)))
         if per_class >= len(idx):
-            raise UserError(f"--val-split {val_size} leaves no training images of class {c}", exit_code=2)
+            raise UserError(f"--val-split {val_size} leaves no training images of class {c} ({len(idx)} "
+                            f"images)", exit_code=2)
         val.append(rng.choice(idx, per_class, replace=False))
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(len(labels)), val)
@@ -158,7 +169,7 @@ def subset(idx, n, seed):
     if n is None:
         return idx
     if n > len(idx):
-        raise UserError(f"subset of {n} images asked for, but only {len(idx)} are available")
+        raise UserError(f"subset of {n} images asked for, but only {len(idx)} are available", exit_code=2)
     return np.sort(np.random.default_rng(seed).choice(idx, n, replace=False))
 
 
@@ -258,7 +269,7 @@ def resize_matrix(n_in, n_out):
 
 
 def crop_resize_rows(resize, start, length):
-    """Per image, the (S, 32) matrix that takes rows [start, start+length) of the resized image
+    """Per image, the (S, B) matrix that takes rows [start, start+length) of the resized image
     (``resize`` @ img) back up to S rows: 2-tap bilinear, clamped at the crop's edges, exactly as
     PIL upsamples (length <= S always holds for these crops)."""
     size = resize.shape[0]
@@ -291,17 +302,18 @@ def draw_crops(n, size, generator, device):
 
 
 def augment_matrices(resize, top, left, side, flip):
-    """(rows, cols) matrices, each (B, S, 32), for the given crop boxes and flips."""
+    """(rows, cols) matrices, each (batch, S, B), for the given crop boxes and flips."""
     rows = crop_resize_rows(resize, top, side)
     cols = crop_resize_rows(resize, left, side)
     # flip-then-crop reads the mirrored resized image; resizing commutes with mirroring, so its
-    # matrix is the plain one with the 32 input columns reversed
+    # matrix is the plain one with the B input columns reversed
     cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
     return rows, cols
 
 
 def resample(images, rows, cols, mean, std, out=None, tmp=None, channels_last=False):
-    """uint8 (B, 32, 32, 3) -> normalised float32 (B, 3, S, S): rows @ img @ cols^T per channel.
+    """uint8 (N, B, B, 3) -> normalised float32 (N, 3, S, S): rows @ img @ cols^T per channel
+    (B: the stored side, 32 for CIFAR-10; rows and cols are (N, S, B)).
 
     ``channels_last``: the result is computed straight into channels_last memory (B, S, S, 3),
     what train.py feeds the model, instead of NCHW plus a conversion copy.
@@ -312,34 +324,35 @@ def resample(images, rows, cols, mean, std, out=None, tmp=None, channels_last=Fa
         return _resample_nhwc(images, rows, cols, mean, std, out, tmp)
     x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255)
     x = (x - mean) / std  # exact before resampling: interpolation rows sum to one
-    x = torch.matmul(x, cols.transpose(1, 2).unsqueeze(1), out=tmp)  # (B, 3, 32, S)
-    return torch.matmul(rows.unsqueeze(1), x, out=out)  # (B, 3, S, S)
+    x = torch.matmul(x, cols.transpose(1, 2).unsqueeze(1), out=tmp)  # (N, 3, B, S)
+    return torch.matmul(rows.unsqueeze(1), x, out=out)  # (N, 3, S, S)
 
 
 def _resample_nhwc(images, rows, cols, mean, std, out=None, tmp=None):
     """``resample`` with the channels interleaved: two batched matmuls whose last one writes the
-    (B, S, S*3) = NHWC result directly. Columns first: cols (B, S, 32) @ img^T (B, 32 cols,
-    32 rows * 3) gives (B, S cols, 32 rows, 3); a small transpose to (B, 32 rows, S cols * 3)
-    (4% of the output's size); then rows (B, S, 32) @ it = (B, S rows, S cols * 3)."""
-    b, size = len(images), rows.shape[1]
+    (N, S, S*3) = NHWC result directly. Columns first: cols (N, S, B) @ img^T (N, B cols,
+    B rows * 3) gives (N, S cols, B rows, 3); a small transpose to (N, B rows, S cols * 3)
+    (B/S of the output's size); then rows (N, S, B) @ it = (N, S rows, S cols * 3)."""
+    n, size, side = len(images), rows.shape[1], images.shape[1]
     x = images.to(torch.float32).div_(255)
-    x = (x - mean.view(3)) / std.view(3)  # (B, 32 rows, 32 cols, 3)
-    x = x.transpose(1, 2).reshape(b, 32, 32 * 3)  # (B, 32 cols, 32 rows * 3)
-    x = torch.matmul(cols, x, out=tmp)  # (B, S cols, 32 rows * 3)
-    x = x.view(b, size, 32, 3).transpose(1, 2).reshape(b, 32, size * 3)  # (B, 32 rows, S cols * 3)
-    x = torch.matmul(rows, x, out=out)  # (B, S rows, S cols * 3)
-    return x.view(b, size, size, 3).permute(0, 3, 1, 2)  # a channels_last (B, 3, S, S) view
+    x = (x - mean.view(3)) / std.view(3)  # (N, B rows, B cols, 3)
+    x = x.transpose(1, 2).reshape(n, side, side * 3)  # (N, B cols, B rows * 3)
+    x = torch.matmul(cols, x, out=tmp)  # (N, S cols, B rows * 3)
+    x = x.view(n, size, side, 3).transpose(1, 2).reshape(n, side, size * 3)  # (N, B rows, S cols * 3)
+    x = torch.matmul(rows, x, out=out)  # (N, S rows, S cols * 3)
+    return x.view(n, size, size, 3).permute(0, 3, 1, 2)  # a channels_last (N, 3, S, S) view
 
 
-def resample_buffers(n, size, channels_last=False):
-    """(out, tmp) of the shapes ``resample`` writes."""
+def resample_buffers(n, size, channels_last=False, side=32):
+    """(out, tmp) of the shapes ``resample`` writes from ``side`` px images."""
     if channels_last:
-        return torch.empty(n, size, size * 3), torch.empty(n, size, 32 * 3)
-    return torch.empty(n, 3, size, size), torch.empty(n, 3, 32, size)
+        return torch.empty(n, size, size * 3), torch.empty(n, size, side * 3)
+    return torch.empty(n, 3, size, size), torch.empty(n, 3, side, size)
 
 
 class TensorLoader:
-    """Batches (x, y) from uint8 images held as one tensor on ``device``.
+    """Batches (x, y) from uint8 images held as one tensor on ``device``, or read from an image
+    folder's memory-mapped cache (folders.ImageRows: only each batch's rows, then moved).
 
     ``train`` means shuffled, last partial batch dropped (as the seed's loader) and, with
     ``augment``, the seed's random flip and crop. Shuffling and augmentation draws are a pure
@@ -353,11 +366,13 @@ class TensorLoader:
     def __init__(self, images, labels, batch_size, image_size, train, device, seed=0, augment=True,
                  rank=0, world_size=1, channels_last=False):
         self.device = torch.device(device)
-        self.images = torch.as_tensor(images).to(self.device)
+        mapped = isinstance(images, folders.ImageRows)  # stays on disk: read per batch
+        self.images = images if mapped else torch.as_tensor(images).to(self.device)
         self.labels = torch.as_tensor(labels).to(self.device)
         self.batch_size, self.size, self.train, self.augment = batch_size, image_size, train, train and augment
         self.seed, self.rank, self.world_size, self.channels_last = seed, rank, world_size, channels_last
-        self.resize = resize_matrix(32, image_size).to(self.device, torch.float32)
+        self.side = images.shape[1]  # 32 for CIFAR-10, an image folder's base size
+        self.resize = resize_matrix(self.side, image_size).to(self.device, torch.float32)
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
         self.epoch, self.start_step = 0, 0
@@ -375,7 +390,7 @@ class TensorLoader:
             return None, None
         stale = self.buffer is not None and self.buffer[0].is_inference() and not torch.is_inference_mode_enabled()
         if self.buffer is None or len(self.buffer[0]) < n or stale:  # inference tensors stay in inference mode
-            self.buffer = resample_buffers(n, self.size, self.channels_last)
+            self.buffer = resample_buffers(n, self.size, self.channels_last, self.side)
         return self.buffer[0][:n], self.buffer[1][:n]
 
     def __iter__(self):
@@ -400,8 +415,14 @@ class TensorLoader:
             rows, cols = augment_matrices(self.resize, *crops)
         else:
             rows = cols = self.resize.expand(len(idx), -1, -1)
-        return resample(self.images[idx], rows, cols, self.mean, self.std, *self._buffers(len(idx)),
+        return resample(self.rows(idx), rows, cols, self.mean, self.std, *self._buffers(len(idx)),
                         channels_last=self.channels_last)
+
+    def rows(self, idx):
+        """The uint8 images ``idx`` on the device."""
+        if isinstance(self.images, folders.ImageRows):
+            return torch.from_numpy(self.images[idx]).to(self.device, non_blocking=True)
+        return self.images[idx]
 
 
 def epoch_seed(seed, epoch):
@@ -461,21 +482,103 @@ class PILLoader(DataLoader):
 
 
 # ----------------------------------------------------------------------------------------------
+# The data set a --data-dir holds
+
+
+@dataclass
+class DataSet:
+    """What ``open_dataset`` returns: images (uint8 (N, B, B, 3) arrays or folders.ImageRows) and
+    labels per split; 'val' is a folder's own val/ (None: hold out from train), 'test' is None
+    when a folder has no test/."""
+    name: str  # "cifar10" or "folder:<name>": names the test set in the predictions files
+    classes: list
+    train: tuple
+    val: tuple = None
+    test: tuple = None
+
+
+def is_folder(data_dir):
+    return folders.is_image_folder(data_dir)
+
+
+def classes_of(data_dir):
+    """The class names of --data-dir without reading any image: CIFAR-10's ten, or an image
+    folder's (its layout checked: one line, exit 2, when it is not usable)."""
+    return folders.classes_of(data_dir) if is_folder(data_dir) else list(CLASSES)
+
+
+def default_val_split(data_dir):
+    return FOLDER_VAL_FRACTION if is_folder(data_dir) else CIFAR_VAL_SPLIT
+
+
+def open_dataset(data_dir="cifar", image_size=224, download=True, cache_dir="cache", strict=False, log=print,
+                 stop=None):
+    """CIFAR-10 (the default), or the image folder at ``data_dir`` (it has a train/ folder),
+    decoded once into its cache under ``cache_dir`` at the base size for ``image_size``."""
+    if isinstance(data_dir, DataSet):
+        return data_dir
+    if is_folder(data_dir):
+        found = folders.load(data_dir, image_size, cache_dir, strict, log, stop)
+        return DataSet(found.name, found.classes, *(found.splits[s] for s in folders.SPLITS))
+    train_x, train_y, test_x, test_y = load_cifar10(data_dir, download)
+    return DataSet(DATASET, list(CLASSES), (train_x, train_y), None, (test_x, test_y))
+
+
+def check_classes(trained, found, checkpoint, data_dir):
+    """One line when a checkpoint's classes are not those of the data set it is used on."""
+    if list(trained) == list(found):
+        return
+    missing, extra = [c for c in trained if c not in found], [c for c in found if c not in trained]
+    what = (f"{len(trained)} classes against {len(found)}" if len(trained) != len(found) else "other classes")
+    detail = "; ".join(part for part in (f"not in the data: {', '.join(missing[:5])}" if missing else "",
+                                          f"not in the checkpoint: {', '.join(extra[:5])}" if extra else "")
+                       if part) or "the same names in another order"
+    raise UserError(f"{checkpoint} was trained on other classes than {data_dir} holds ({what}; {detail})", exit_code=2)
+
+
+def data_dir_for(info, given=None):
+    """Where a checkpoint's data set is: ``given`` (--data-dir), else CIFAR-10's folder
+    ($CIFAR10_ROOT or cifar) for a CIFAR-10 checkpoint, else the image folder it was trained on."""
+    if given:
+        return given
+    if list(info["classes"]) == list(CLASSES):
+        return os.environ.get("CIFAR10_ROOT", "cifar")
+    return info["args"].get("data_dir") or "cifar"
+
+
+def open_test_set(info, checkpoint, given_dir=None, cache_dir=None, download=True, log=print):
+    """The data set a checkpoint (``info`` of checkpoints.load_model) is tested on: it must hold the
+    checkpoint's classes and test images (one line, exit 2, if not)."""
+    where = data_dir_for(info, given_dir)
+    check_classes(info["classes"], classes_of(where), checkpoint, where)
+    dataset = open_dataset(where, info["image_size"], download, cache_dir or info["args"].get("cache_dir") or "cache",
+                           log=log)
+    if dataset.test is None:
+        raise UserError(f"{where} has no test/ folder: no test images (classify files with --images)", exit_code=2)
+    return dataset
+
+
+def test_count(dataset):
+    return 0 if dataset.test is None else len(dataset.test[1])
+
+
+# ----------------------------------------------------------------------------------------------
 # One entry point
 
 
 def get_loaders(data_dir="cifar", batch_size=128, image_size=224, device="cpu", workers=2,
                 val_split=5000, train_subset=None, test_subset=None, seed=0, download=True,
                 data_path="tensor", augment=True, eval_batch_size=None, rank=0, world_size=1,
-                channels_last=False, shuffle_train=True, split_seed=None):
-    """{'train', 'val', 'test'} loaders over the splits; 'val' is None when val_split is 0.
+                channels_last=False, shuffle_train=True, split_seed=None, cache_dir="cache"):
+    """{'train', 'val', 'test'} loaders over the splits; 'val' is None when val_split is 0, 'test'
+    when the data set has none. ``data_dir``: a folder, or a DataSet from ``open_dataset``.
 
     ``batch_size`` is the global batch: under DDP each of ``world_size`` ranks gets its slice.
     ``shuffle_train=False`` gives every training image once, in order (to cache features).
     ``seed`` draws the batches and augmentations, and the splits unless ``split_seed`` is given.
     """
     splits = get_splits(data_dir, val_split, train_subset, test_subset, seed if split_seed is None else split_seed,
-                        download)
+                        download, image_size, cache_dir)
     if len(splits["train"][1]) < batch_size:
         raise UserError(f"--batch-size {batch_size} is larger than the {len(splits['train'][1])} training images", exit_code=2)
 
@@ -507,18 +610,38 @@ def test_indices(test_subset=None, seed=0, n_test=TEST_IMAGES):
     return subset(np.arange(n_test), test_subset, seed)
 
 
-def get_splits(data_dir="cifar", val_split=5000, train_subset=None, test_subset=None, seed=0, download=True):
-    """{'train', 'val', 'test'}: (uint8 images (N, 32, 32, 3), int64 labels); 'val' is None when
-    val_split is 0. The validation images are a seeded class-balanced hold-out of the training set."""
-    train_x, train_y, test_x, test_y = load_cifar10(data_dir, download)
-    if val_split:
+def get_splits(data_dir="cifar", val_split=5000, train_subset=None, test_subset=None, seed=0, download=True,
+               image_size=224, cache_dir="cache"):
+    """{'train', 'val', 'test'}: (uint8 images (N, B, B, 3), int64 labels); 'val' is None when
+    val_split is 0, 'test' when the data set has no test images. The validation images are a
+    folder's val/, else a seeded class-balanced hold-out of the training set. ``data_dir``: a
+    folder or a DataSet (``open_dataset``)."""
+    ds = open_dataset(data_dir, image_size, download, cache_dir)
+    train_x, train_y = ds.train
+    if ds.val is not None:
+        train_idx, val = np.arange(len(train_y)), ds.val
+    elif val_split:
         train_idx, val_idx = split_train_val(train_y, val_split, seed)
+        val = (train_x.take(val_idx, axis=0), train_y[val_idx])
     else:
-        train_idx, val_idx = np.arange(len(train_y)), None
+        train_idx, val = np.arange(len(train_y)), None
     train_idx = subset(train_idx, train_subset, seed)
-    test_idx = test_indices(test_subset, seed, len(test_y))
-    return {
-        "train": (train_x[train_idx], train_y[train_idx]),
-        "val": None if val_idx is None else (train_x[val_idx], train_y[val_idx]),
-        "test": (test_x[test_idx], test_y[test_idx]),
-    }
+    test = None
+    if ds.test is not None:
+        test_idx = test_indices(test_subset, seed, len(ds.test[1]))
+        test = (ds.test[0].take(test_idx, axis=0), ds.test[1][test_idx])
+    return {"train": (train_x.take(train_idx, axis=0), train_y[train_idx]), "val": val, "test": test}
+
+
+def images_digest(images, labels):
+    """sha256 of a split's images and labels (the frozen models' feature cache keys on it): of the
+    bytes for arrays, read in chunks; an image folder's rows know what they hold without reading."""
+    digest = hashlib.sha256()
+    if isinstance(images, folders.ImageRows):
+        digest.update(images.digest().encode())
+    else:
+        images = np.asarray(images)
+        for start in range(0, len(images), 4096):
+            digest.update(np.ascontiguousarray(images[start:start + 4096]).tobytes())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()

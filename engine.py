@@ -176,7 +176,16 @@ class Stopped(Exception):
         return self.args[0]
 
 
-def evaluate(net, loader, device, autocast, num_classes=10, stop=None, keep_predictions=False, progress=None):
+def output_classes(net):
+    """The number of classes a network outputs: the out_features of its last Linear layer (every
+    model here ends in one; DDP- and compile-wrapped networks included)."""
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("the network has no Linear layer: pass num_classes")
+    return linears[-1].out_features
+
+
+def evaluate(net, loader, device, autocast, num_classes=None, stop=None, keep_predictions=False, progress=None):
     """(mean loss, accuracy, confusion matrix [true, predicted] on the CPU) over every sample of
     ``loader`` exactly once. Loss and confusion accumulate on the device (a scatter-add, which
     unlike ``bincount`` needs no host sync on CUDA); under DDP each rank holds a disjoint share and
@@ -184,7 +193,8 @@ def evaluate(net, loader, device, autocast, num_classes=10, stop=None, keep_pred
     a stop signal arrived. ``keep_predictions``: a fourth item, (probabilities float16 (N, classes),
     predicted classes (N,), labels (N,)) on the CPU, in the loader's order over all ranks (what
     report.save_predictions writes). ``progress``: called with each batch's image count (a
-    report.Progress's ``update``)."""
+    report.Progress's ``update``). ``num_classes``: by default the network's (``output_classes``)."""
+    num_classes = num_classes or output_classes(net)
     net.eval()
     kept = []  # per batch: (softmax probabilities, predicted classes, labels), on the device until the end
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on the CIFAR-10 test set, or classify image files with it.
+"""Evaluate a checkpoint on its test set (CIFAR-10's, or an image folder's test/), or classify image files with it.
 
     python evaluate.py checkpoints/<run>/ResNet_att.pth                # test loss, accuracy, per class
     python evaluate.py checkpoints/<run>/ResNet_att.pth --images a.png b.jpg   # top-3 per image
@@ -37,7 +37,9 @@ def parse_args(argv):
         "see also: explain.py CHECKPOINT --out maps.png   Grad-CAM and CBAM attention maps per image\n"
         "          compare.py log/<run>.csv ... --out runs.png   runs' curves and results table side by side"))
     p.add_argument("checkpoint")
-    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_ROOT", "cifar"))
+    p.add_argument("--data-dir", help="the test set: CIFAR-10 ($CIFAR10_ROOT or cifar) for a CIFAR-10 checkpoint, "
+                                      "else the image folder it was trained on (its run's --data-dir)")
+    p.add_argument("--cache-dir", help="an image folder's decoded images (default: its run's --cache-dir)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--batch-size", type=positive(int), default=256)
     p.add_argument("--test-subset", type=positive(int), help="default: the checkpoint run's own")
@@ -62,12 +64,11 @@ def predict(model, paths, info, rt):
         print(f"{path}: " + ", ".join(f"{classes[i]} {v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
 
 
-def test_loader(args, info, device):
+def test_loader(args, info, device, dataset):
     """The run's own test split (its seed, validation split and test subset; --test-subset overrides)."""
     run = info["args"]
-    return data.get_loaders(args.data_dir, args.batch_size, info["image_size"], device, val_split=run["val_split"],
-                            train_subset=None, test_subset=test_subset(args, info), seed=run["seed"],
-                            split_seed=data.split_seed(run), download=not args.no_download)["test"]
+    test = data.get_splits(dataset, run["val_split"], None, test_subset(args, info), data.split_seed(run))["test"]
+    return data.TensorLoader(*test, args.batch_size, info["image_size"], train=False, device=device)
 
 
 def test_subset(args, info):
@@ -80,7 +81,7 @@ def main(argv=None):
     if args.predictions and not args.predictions.endswith(".npz"):
         raise UserError(f"--predictions {args.predictions}: the predictions are a NumPy .npz file, name it *.npz",
                         exit_code=2)
-    if args.test_subset and args.test_subset > 10000:  # a usage error: say so before any loading
+    if args.test_subset and args.test_subset > 10000 and not data.is_folder(args.data_dir or ""):  # before any loading
         raise UserError(f"--test-subset {args.test_subset} is larger than the 10,000 test images", exit_code=2)
     onnx = args.checkpoint.lower().endswith(".onnx")
     rt = setup_runtime("cpu" if onnx else args.device, distributed=False)  # ONNX Runtime: its CPU provider
@@ -91,7 +92,8 @@ def main(argv=None):
         return 0
 
     classes, image_size = info["classes"], info["image_size"]
-    loader = test_loader(args, info, rt.device)
+    dataset = data.open_test_set(info, args.checkpoint, args.data_dir, args.cache_dir, not args.no_download)
+    loader = test_loader(args, info, rt.device, dataset)
     progress = report.Progress(len(loader.labels), "testing", every_s=30.0)
     started = time.perf_counter()
     try:
@@ -123,8 +125,9 @@ def main(argv=None):
     print(f"reliability diagram: {png}")
     npz = args.predictions or base + "-test.npz"
     run = info["args"]
-    report.save_predictions(npz, probs, labels, data.test_indices(test_subset(args, info), data.split_seed(run)),
-                            report.predictions_meta(data.DATASET, classes, run, info["run_name"],
+    report.save_predictions(npz, probs, labels, data.test_indices(test_subset(args, info), data.split_seed(run),
+                                                                  data.test_count(dataset)),
+                            report.predictions_meta(dataset.name, classes, run, info["run_name"],
                                                     report.checkpoint_label(args.checkpoint), info["epoch"], loss, acc),
                             predicted)
     print(f"test predictions: {npz}")

@@ -38,8 +38,8 @@ def parse_args(argv):
     which.add_argument("--test", type=positive(int), metavar="N", help="N test images (default: 6)")
     p.add_argument("--seed", type=int, default=0, help="which test images (default: 0)")
     p.add_argument("--out", required=True, metavar="PNG", help="the figure")
-    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_ROOT", "cifar"),
-                   help="folder holding cifar-10-batches-bin or -py (default: $CIFAR10_ROOT or cifar)")
+    p.add_argument("--data-dir", help="the test images: CIFAR-10 ($CIFAR10_ROOT or cifar) for a CIFAR-10 "
+                                      "checkpoint, else the image folder it was trained on")
     p.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(argv)
@@ -137,7 +137,9 @@ def inputs(args, info):
     transform = info["transform"]
     if args.images:
         return [(transform(data.load_image(p)), os.path.basename(p), None) for p in args.images]
-    _, _, test_x, test_y = data.load_cifar10(args.data_dir, download=not args.no_download)
+    test_x, test_y = data.open_test_set(info, args.checkpoint, args.data_dir, download=not args.no_download).test
+    if args.test > len(test_y):
+        raise UserError(f"--test {args.test}: the test set has {len(test_y)} images", exit_code=2)
     picked = np.sort(np.random.default_rng(args.seed).choice(len(test_y), args.test, replace=False))
     return [(transform(Image.fromarray(test_x[i])), f"test #{i}", int(test_y[i])) for i in picked]
 

@@ -73,8 +73,7 @@ def cache_key(model, images, labels, image_size, compute_dtype, map_dtype=MAP_DT
         "backbone_sha256": sha256_of_tensors(sorted(model.backbone.state_dict().items())),
         "stride_in_1x1": bool(model.stride_in_1x1),
         "image_size": int(image_size),
-        "images_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()
-                                        + np.ascontiguousarray(labels).tobytes()).hexdigest(),
+        "images_sha256": data.images_digest(images, labels),
         "count": len(images),
         "preprocess": PREPROCESS,
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
@@ -331,19 +330,19 @@ def cached_loaders(model, splits, cache_dir, image_size, batch_size, eval_batch_
     return loaders
 
 
-def make_loaders(args, model, rt, log, stop):
+def make_loaders(args, model, rt, log, stop, dataset):
     """train.py's inputs: -> (loaders, the module they feed). A frozen backbone without augmentation
     sees each image the same way in every epoch, so its features come from the cache and only
     ``model.head`` trains (single process only); every other run trains ``model`` on images."""
     eval_bs = args.batch_size * engine.EVAL_BATCH_FACTOR
     if not (args.no_augment and rt.world_size == 1 and getattr(model, "frozen", False) and not args.no_probe):
         return data.get_loaders(
-            args.data_dir, args.batch_size, args.image_size, rt.device, args.workers, args.val_split,
+            dataset, args.batch_size, args.image_size, rt.device, args.workers, args.val_split,
             args.train_subset, args.test_subset, args.seed, not args.no_download, args.data_path,
             augment=not args.no_augment, eval_batch_size=eval_bs, rank=rt.rank, world_size=rt.world_size,
             channels_last=True, split_seed=data.split_seed(vars(args))), model
-    splits = data.get_splits(args.data_dir, args.val_split, args.train_subset, args.test_subset,
-                             data.split_seed(vars(args)), not args.no_download)
+    splits = data.get_splits(dataset, args.val_split, args.train_subset, args.test_subset,
+                             data.split_seed(vars(args)))
     loaders = cached_loaders(model, splits, args.cache_dir, args.image_size, args.batch_size, eval_bs,
                              args.seed, rt.device, rt.autocast, log, stop, args.cache_dtype)
     log.info(f"{'head' if list(model.head.body.parameters()) else 'linear probe'} training on cached features "

@@ -4,6 +4,7 @@
     python train.py --model sample_resnet --image-size 32 --epochs 2 --train-subset 5000   # CPU smoke run
     python train.py --model resnet --no-augment          # frozen backbone: the head trains on cached features
     python train.py --resume checkpoints/<run>/last.pth  # continue an interrupted run
+    python train.py --model resnet_att --no-augment --data-dir photos   # photos/train/<class>/*.jpg
     torchrun --nproc_per_node=4 train.py --model resnet_att_scratch   # data-parallel on 4 GPUs
 
 Each run has its own name, <model>-<timestamp>: its log, CSV and curves go to log/<run>.*, its
@@ -36,7 +37,7 @@ from utils import (PRECISIONS, Parser, StopSignals, UserError, non_negative, non
 
 # Options that may differ between a run and its --resume; every other one is restored as saved.
 RESUME_OVERRIDABLE = {"resume", "device", "workers", "compile", "stop_after", "dry_run", "data_dir", "no_download",
-                      "cache_dir", "precision", "micro_batch", "checkpoint_every", "tensorboard"}
+                      "cache_dir", "precision", "micro_batch", "checkpoint_every", "tensorboard", "strict"}
 # Steps between reads of the device-side loss (is it finite?) and, under torchrun, between the
 # collective polls of the stop signals: a ^C takes effect within this many steps.
 CHECK_EVERY = 8
@@ -53,7 +54,11 @@ def build_parser():
                    help="imagenet (torchvision IMAGENET1K_V1, the seed's), imagenet_v2, none, or a local file; "
                         "ignored by sample_resnet")
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_ROOT", "cifar"),
-                   help="folder holding cifar-10-batches-bin or cifar-10-batches-py (default: $CIFAR10_ROOT or cifar)")
+                   help="folder holding cifar-10-batches-bin or cifar-10-batches-py (default: $CIFAR10_ROOT or "
+                        "cifar), or your own images as train/<class>/<image> (optional val/, test/ beside it)")
+    p.add_argument("--strict", action="store_true",
+                   help="image folders: stop at the first file that is not a usable image (default: skip, "
+                        "count and list them)")
     p.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
     p.add_argument("--epochs", type=positive(int), default=10)
     p.add_argument("--batch-size", type=positive(int), default=engine.BATCH_SIZE, help="global batch size")
@@ -65,13 +70,17 @@ def build_parser():
     p.add_argument("--no-augment", action="store_true",
                    help="no flip/crop; for the frozen resnet and resnet_att the head then trains on the "
                         "backbone's features, computed once and cached under --cache-dir")
-    p.add_argument("--cache-dir", default="cache", help="feature cache of the frozen models (default: cache/)")
+    p.add_argument("--cache-dir", default="cache",
+                   help="feature cache of the frozen models and an image folder's decoded images (default: cache/)")
     p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16",
                    help="storage of the cached layer4 maps of resnet_att (float16: half the disk, ~5e-4 relative error)")
     p.add_argument("--data-path", choices=["tensor", "pil"], default="tensor",
                    help="tensor: batched augmentation on the device (fast); pil: the seed's DataLoader")
     p.add_argument("--val-every", type=positive(int), default=5)
-    p.add_argument("--val-split", type=positive(int), default=5000, help="validation images held out of training")
+    p.add_argument("--val-split", type=val_size,
+                   help="validation images held out of training: a number (a multiple of the classes), or a "
+                        "fraction of each class below 1 (default: 5000 for CIFAR-10; 0.1 for an image folder "
+                        "without val/, whose val/ is used instead when it has one)")
     p.add_argument("--train-subset", type=positive(int), help="train on N images (after the validation split)")
     p.add_argument("--test-subset", type=positive(int), help="test on N images")
     p.add_argument("--workers", type=non_negative_int, default=len(os.sched_getaffinity(0)),
@@ -108,6 +117,16 @@ def build_parser():
     return p
 
 
+def val_size(text):
+    """--val-split: a whole number of images >= 1, or a fraction of each class in (0, 1)."""
+    value = positive(float)(text)
+    if value >= 1:
+        if value != int(value):
+            raise argparse.ArgumentTypeError(f"{text} is neither a whole number of images nor a fraction below 1")
+        return int(value)
+    return value
+
+
 def parse_args(argv):
     """-> (args, checkpoint or None). With --resume the run's own arguments come back from the
     checkpoint; one that may not change and was given with another value is refused."""
@@ -119,6 +138,8 @@ def parse_args(argv):
         checkpoints.restore_args(args, ckpt, parser.given(argv), RESUME_OVERRIDABLE)
     else:
         engine.fill_model_defaults(args)
+        if args.val_split is None:
+            args.val_split = data.default_val_split(args.data_dir)
     check_args(args)
     return args, ckpt
 
@@ -127,7 +148,9 @@ def check_args(args):
     """What the parser's types cannot check alone: one line each, exit code 2."""
     empty = [f for f, v in (("--out", args.out), ("--log-dir", args.log_dir), ("--cache-dir", args.cache_dir),
                             ("--run-name", args.run_name)) if v is not None and not v.strip()]
-    pool = 50000 - args.val_split
+    folder = data.is_folder(args.data_dir)  # an image folder's sizes are checked when it is read
+    held = args.val_split if args.val_split >= 1 else round(args.val_split * 5000) * 10
+    pool = 1 if folder else 50000 - held
     problems = [
         (not 0 <= args.seed < 2**64, f"--seed {args.seed} is not from 0 to 2**64 - 1"),  # torch's and numpy's range
         (not 0 <= data.split_seed(vars(args)) < 2**64, f"--split-seed {args.split_seed} is not from 0 to 2**64 - 1"),
@@ -137,9 +160,9 @@ def check_args(args):
         (args.weight_decay < 0 or not 0 <= args.label_smoothing < 1,
          "--weight-decay must be >= 0 and --label-smoothing in [0, 1)"),
         (pool <= 0, f"--val-split {args.val_split} leaves no training images (CIFAR-10 has 50,000)"),
-        (pool > 0 and (args.train_subset or 0) > pool, f"--train-subset {args.train_subset} is larger than the "
+        (not folder and pool > 0 and (args.train_subset or 0) > pool, f"--train-subset {args.train_subset} is larger than the "
                                                        f"{pool} training images left after --val-split {args.val_split}"),
-        ((args.test_subset or 0) > 10000, f"--test-subset {args.test_subset} is larger than the 10,000 test images"),
+        (not folder and (args.test_subset or 0) > 10000, f"--test-subset {args.test_subset} is larger than the 10,000 test images"),
     ]
     for bad, message in problems:
         if bad:
@@ -225,10 +248,23 @@ def validate(net, loader, rt, stop, keep_predictions=False):
 # The run's phases
 
 
-def make_loaders(args, model, rt, log, stop):
+def open_dataset(args, rt, log, stop):
+    """CIFAR-10 or the image folder of --data-dir; an image folder is decoded into its cache by
+    rank 0 first, then read by every rank."""
+    def load():
+        return data.open_dataset(args.data_dir, args.image_size, not args.no_download, args.cache_dir, args.strict,
+                                 log.info, stop)
+    if rt.world_size == 1 or not data.is_folder(args.data_dir):
+        return load()
+    dataset = load() if rt.master else None
+    torch.distributed.barrier()
+    return dataset or load()
+
+
+def make_loaders(args, model, rt, log, stop, dataset):
     """-> (loaders, the network the training step runs, the one validation runs): the model on
     images, or its head on cached features (features.make_loaders decides); DDP, compiled."""
-    loaders, eval_net = features.make_loaders(args, model, rt, log, stop)
+    loaders, eval_net = features.make_loaders(args, model, rt, log, stop, dataset)
     net = eval_net
     if eval_net is model and rt.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
@@ -306,6 +342,13 @@ def test_best(model, loop, loader):
     return test_loss, test_acc, confusion, predictions, best["epoch"]
 
 
+def images(loader):
+    """How many images a loader serves (0: none)."""
+    if loader is None:
+        return 0
+    return len(loader.labels) if hasattr(loader, "labels") else len(loader.dataset)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -331,11 +374,13 @@ def run(args, ckpt, rt):
     stop = StopSignals()
     stop.install()  # from here on, ^C and SIGTERM are requests that every phase honours
 
-    # -- model ---------------------------------------------------------------------------------
+    # -- model: its outputs are the data set's classes ---------------------------------------------
+    classes = data.classes_of(args.data_dir)
     if ckpt:
+        data.check_classes(ckpt["classes"], classes, args.resume, args.data_dir)
         model, model_cfg = checkpoints.model_from_checkpoint(ckpt, args.resume), ckpt["model"]
     else:
-        model, model_cfg = build_model(args.model, weights=args.weights)
+        model, model_cfg = build_model(args.model, weights=args.weights, num_classes=len(classes))
     trainable, total = count_parameters(model)
     if args.dry_run:
         print(f"Number of parameters: {trainable}")
@@ -350,10 +395,14 @@ def run(args, ckpt, rt):
     log_base = os.path.join(args.log_dir, run_name)
     log = report.open_run_log(args, rt, run_dir, log_base, resuming=bool(ckpt),
                               params=f"{trainable:,} trainable of {total:,}", best_name=MODELS[args.model][1])
-    loaders, net, eval_net = make_loaders(args, model, rt, log, stop)
+    dataset = open_dataset(args, rt, log, stop)
+    loaders, net, eval_net = make_loaders(args, model, rt, log, stop, dataset)
+    log.info(f"data: {dataset.name}, {len(classes)} classes, " + " / ".join(
+        f"{images(loaders[k]):,} {k}" for k in ("train", "val", "test")) + " images")
     optimizer, scheduler, criterion, (epoch, step, best_acc, meter_state) = engine.make_optimisation(
         args, model, len(loaders["train"]), ckpt, fused=rt.cuda)
-    saver = checkpoints.Checkpointer(model, model_cfg, optimizer, scheduler, args, rt, run_dir, run_name, best_acc)
+    saver = checkpoints.Checkpointer(model, model_cfg, optimizer, scheduler, args, rt, run_dir, run_name, best_acc,
+                                     classes)
     saver.check_room()
     tb = report.TensorBoard(os.path.join(args.log_dir, "tensorboard", run_name), args.tensorboard and rt.master,
                             purge_step=epoch * len(loaders["train"]) + step + 1 if ckpt else None)
@@ -364,20 +413,25 @@ def run(args, ckpt, rt):
         code = fit(loop, loaders, (epoch, step, meter_state), args, log_base)
         if code is not None:
             return code
-        test_loss, test_acc, confusion, predictions, best_epoch = test_best(model, loop, loaders["test"])
-        tb.test_results(args.epochs * len(loaders["train"]), test_loss, test_acc, confusion, data.CLASSES,
-                        vars(args), saver.best_acc)
+        if loaders["test"] is None:
+            log.info(f"no test images ({args.data_dir} has no test/ folder): no test pass; the best checkpoint is "
+                     f"{saver.run_dir}/{saver.best_name}")
+        else:
+            test_loss, test_acc, confusion, predictions, best_epoch = test_best(model, loop, loaders["test"])
+            tb.test_results(args.epochs * len(loaders["train"]), test_loss, test_acc, confusion, classes,
+                            vars(args), saver.best_acc)
     finally:
         saver.wait()  # an exit of any kind leaves the last checkpoint complete
         tb.close()
     if rt.master:
+        report.plot_curves(log_base + ".csv", log_base + ".png")
+    if rt.master and loaders["test"] is not None:
         probs, predicted, labels = predictions
         report.save_predictions(report.predictions_path(log_base), probs, labels,
-                                data.test_indices(args.test_subset, data.split_seed(vars(args))), report.predictions_meta(
-                                    data.DATASET, data.CLASSES, vars(args), run_name, saver.best_name, best_epoch,
-                                    test_loss, test_acc), predicted)
-        report.plot_curves(log_base + ".csv", log_base + ".png")
-        report.plot_confusion(confusion.cpu().numpy(), data.CLASSES, log_base + "-confusion.png",
+                                data.test_indices(args.test_subset, data.split_seed(vars(args)), data.test_count(dataset)),
+                                report.predictions_meta(dataset.name, classes, vars(args), run_name, saver.best_name,
+                                                        best_epoch, test_loss, test_acc), predicted)
+        report.plot_confusion(confusion.cpu().numpy(), classes, log_base + "-confusion.png",
                               report.confusion_title(f"{run_name} ({args.model}, best checkpoint)", test_acc, confusion))
     return 0
 
