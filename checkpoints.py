@@ -136,9 +136,9 @@ def network_problem(ckpt):
         return f"its model {reprlib.repr(model['name'])} is none of {', '.join(MODELS)}"
     if not (count(model["num_classes"]) and isinstance(model["stride_in_1x1"], (bool, type(None)))):
         return "its model record's num_classes is not a count or its stride_in_1x1 not a bool"
-    if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) and c and "\0" not in c for c in classes)
+    if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) and c and c.isprintable() for c in classes)
             and len(set(classes)) == len(classes) == model["num_classes"] >= 2):
-        return "its classes are not distinct names, at least two, one per output of its network"
+        return "its classes are not distinct printable names, at least two, one per output of its network"
     if not all(isinstance(k, str) and plain_tensor(v) for k, v in ckpt["state_dict"].items()):
         return "its state_dict is not a dict of names to (dense, real, CPU) tensors"
     if not (count(ckpt["image_size"]) and 0 < ckpt["image_size"] <= MAX_IMAGE_SIZE):

@@ -528,10 +528,11 @@ def check_classes(trained, found, checkpoint, data_dir):
     """One line when a checkpoint's classes are not those of the data set it is used on."""
     if list(trained) == list(found):
         return
+    shown = lambda names: ", ".join(n if n.isprintable() else repr(n) for n in names[:5])  # one line
     missing, extra = [c for c in trained if c not in found], [c for c in found if c not in trained]
     what = (f"{len(trained)} classes against {len(found)}" if len(trained) != len(found) else "other classes")
-    detail = "; ".join(part for part in (f"not in the data: {', '.join(missing[:5])}" if missing else "",
-                                          f"not in the checkpoint: {', '.join(extra[:5])}" if extra else "")
+    detail = "; ".join(part for part in (f"not in the data: {shown(missing)}" if missing else "",
+                                          f"not in the checkpoint: {shown(extra)}" if extra else "")
                        if part) or "the same names in another order"
     raise UserError(f"{checkpoint} was trained on other classes than {data_dir} holds ({what}; {detail})", exit_code=2)
 

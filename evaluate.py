@@ -64,8 +64,9 @@ def predict(model, paths, info, rt):
         print(f"{path}: " + ", ".join(f"{classes[i]} {v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
 
 
-def test_loader(args, info, device, dataset):
+def test_loader(args, info, device, dataset=None):
     """The run's own test split (its seed, validation split and test subset; --test-subset overrides)."""
+    dataset = dataset or data.open_test_set(info, args.checkpoint, args.data_dir, args.cache_dir, not args.no_download)
     run = info["args"]
     test = data.get_splits(dataset, run["val_split"], None, test_subset(args, info), data.split_seed(run))["test"]
     return data.TensorLoader(*test, args.batch_size, info["image_size"], train=False, device=device)

@@ -106,6 +106,10 @@ def scan(root):
     """The folder's classes and image files, or one line (exit 2) saying what is wrong with it."""
     train_dir = os.path.join(root, "train")
     classes = class_folders(train_dir)
+    odd = [c for c in classes if not c.isprintable()]
+    if odd:  # a checkpoint records the names: they must print on one line
+        raise usage(f"{train_dir} has class folder names with line breaks or control characters: "
+                    f"{', '.join(repr(c) for c in odd[:3])}; rename them")
     if len(classes) < 2:
         raise usage(f"{train_dir} holds {len(classes)} class folder(s): at least two are needed "
                     f"(train/<class>/<image>)")
@@ -344,21 +348,35 @@ def load(root, image_size, cache_dir="cache", strict=False, log=print, stop=None
     fields = cache_fields(layout, records, target)
     folder = cache_folder(cache_dir, root, target)
     meta = read_json(os.path.join(folder, "meta.json"))
-    if meta is None or meta.get("fields") != fields or not os.path.isfile(os.path.join(folder, "images.u8")):
-        if meta is not None:
-            log(f"image cache {folder}: {why_rebuild(meta, fields, records)} since it was built; rebuilding it")
-        meta = build(layout, records, fields, folder, image_size, strict, log, stop, workers)
-    elif meta["skipped"]:
-        log(f"image cache {folder}: {meta['skipped']} file(s) skipped as unusable, listed in "
-            f"{os.path.join(folder, 'skipped.txt')}")
+    if meta is not None and meta.get("fields") == fields:
+        try:
+            found = open_cache(layout, folder, meta)
+            if found.skipped:
+                log(f"image cache {folder}: {found.skipped} file(s) skipped as unusable, listed in "
+                    f"{os.path.join(folder, 'skipped.txt')}")
+            return found
+        except UserError:
+            raise
+        except Exception as e:  # any bytes in its files: rebuilt, never trusted
+            log(f"image cache {folder}: unreadable ({type(e).__name__}: {first_line(e)}); rebuilding it")
+    elif meta is not None:
+        log(f"image cache {folder}: {why_rebuild(meta, fields, records)} since it was built; rebuilding it")
+    meta = build(layout, records, fields, folder, image_size, strict, log, stop, workers)
     return open_cache(layout, folder, meta)
 
 
 def open_cache(layout, folder, meta):
+    """The cache's splits; raises (ValueError, OSError, ...) when its files are not what it wrote."""
     labels = np.load(os.path.join(folder, "labels.npy"), allow_pickle=False)
     usable = np.load(os.path.join(folder, "usable.npy"), allow_pickle=False)
-    split_of = np.array([r[4] for r in meta["records"]]) if meta["records"] else np.array([], str)
-    base, rows = meta["base"], len(labels)
+    split_of = np.array([r[4] for r in meta["records"]], dtype=object)
+    base, rows = meta["base"], len(meta["records"])
+    expected = [r[3] for r in meta["records"]]
+    if not (isinstance(base, int) and base >= MIN_SIDE and labels.dtype == np.int64 and usable.dtype == bool
+            and labels.tolist() == expected and usable.shape == labels.shape
+            and os.path.getsize(os.path.join(folder, "images.u8")) == max(rows, 1) * base * base * 3
+            and meta["skipped"] == int((~usable).sum())):
+        raise ValueError("its files do not match its meta.json")
     key = hashlib.sha256(json.dumps(meta["fields"], sort_keys=True).encode()).hexdigest()
     splits = {}
     for split in SPLITS:
@@ -380,12 +398,9 @@ def build(layout, records, fields, folder, image_size, strict, log, stop, worker
     the same files), then rename it to ``folder``. -> its meta."""
     partial = folder + ".partial"
     paths = [os.path.join(layout.root, r[0]) for r in records]
-    state = read_json(os.path.join(partial, "progress.json"))
-    resume = (state is not None and state.get("fields") == fields and state.get("chunk") == CHUNK
-              and os.path.isfile(os.path.join(partial, "images.u8")))
+    base, done = resumable(partial, fields)
     with ThreadPoolExecutor(workers) as pool:
-        if resume:
-            base, done = state["base"], {int(k): v for k, v in state["chunks"].items()}
+        if done is not None:
             log(f"image cache {folder}: resuming, {len(done)} of {-(-len(paths) // CHUNK)} chunks done")
         else:
             shutil.rmtree(partial, ignore_errors=True)
@@ -393,10 +408,10 @@ def build(layout, records, fields, folder, image_size, strict, log, stop, worker
             base = base_size(image_size, pool.map(shorter_side, paths, chunksize=64))
             done = {}
             check_space(partial, len(paths) * base * base * 3)
-            np.save(os.path.join(partial, "labels.npy"), np.array([r[3] for r in records], np.int64))
-        images = np.memmap(os.path.join(partial, "images.u8"), np.uint8, "r+" if resume else "w+",
+        np.save(os.path.join(partial, "labels.npy"), np.array([r[3] for r in records], np.int64))
+        images = np.memmap(os.path.join(partial, "images.u8"), np.uint8, "w+" if done == {} else "r+",
                            shape=(max(len(paths), 1), base, base, 3))
-        save_progress(partial, fields, base, done)
+        save_progress(partial, fields, base, done, len(paths))
         fill(images, paths, base, done, partial, fields, strict, log, stop, pool, folder)
         del images
     bad = sorted((i, why) for chunk in done.values() for i, why in chunk)
@@ -421,6 +436,22 @@ def build(layout, records, fields, folder, image_size, strict, log, stop, worker
     return meta
 
 
+def resumable(partial, fields):
+    """(base size, {chunk: [[index, why], ...]}) of a partial cache built for ``fields`` with this
+    CHUNK size, or (None, None) when there is none to resume (or its progress.json is damaged)."""
+    state = read_json(os.path.join(partial, "progress.json"))
+    try:
+        if not (state and state["fields"] == fields and state["chunk"] == CHUNK
+                and os.path.getsize(os.path.join(partial, "images.u8")) == state["count"] * state["base"] ** 2 * 3):
+            return None, None
+        done = {int(k): [[int(i), str(why)] for i, why in v] for k, v in state["chunks"].items()}
+        if any(not 0 <= i < state["count"] for bad in done.values() for i, _ in bad):
+            return None, None
+        return int(state["base"]), done
+    except (KeyError, TypeError, ValueError, AttributeError, OSError):
+        return None, None
+
+
 def check_space(folder, needed):
     free = shutil.disk_usage(folder).free
     if needed > free:
@@ -428,9 +459,9 @@ def check_space(folder, needed):
                         f"{free / 1e9:.1f} GB are free; free some space or pass --cache-dir elsewhere")
 
 
-def save_progress(partial, fields, base, done):
+def save_progress(partial, fields, base, done, count):
     atomic_write_text(os.path.join(partial, "progress.json"),
-                      json.dumps({"fields": fields, "base": base, "chunk": CHUNK,
+                      json.dumps({"fields": fields, "base": base, "chunk": CHUNK, "count": max(count, 1),
                                   "chunks": {str(k): v for k, v in done.items()}}))
 
 
@@ -466,7 +497,7 @@ def fill(images, paths, base, done, partial, fields, strict, log, stop, pool, fo
                     images[start + i] = pixels
             images.flush()  # msync: the chunk is on disk before progress.json says so
             done[c] = bad
-            save_progress(partial, fields, base, done)
+            save_progress(partial, fields, base, done, len(paths))
             bar.update(len(part))
     finally:
         bar.close()

@@ -261,9 +261,11 @@ def open_dataset(args, rt, log, stop):
     return dataset or load()
 
 
-def make_loaders(args, model, rt, log, stop, dataset):
+def make_loaders(args, model, rt, log, stop, dataset=None):
     """-> (loaders, the network the training step runs, the one validation runs): the model on
-    images, or its head on cached features (features.make_loaders decides); DDP, compiled."""
+    images, or its head on cached features (features.make_loaders decides); DDP, compiled.
+    ``dataset``: from ``open_dataset`` (opened here when not given)."""
+    dataset = dataset or open_dataset(args, rt, log, stop)
     loaders, eval_net = features.make_loaders(args, model, rt, log, stop, dataset)
     net = eval_net
     if eval_net is model and rt.world_size > 1:

@@ -214,3 +214,17 @@ def test_bench_targets_allow_for_noise_only_near_the_target():
     assert checks == ["met", "within noise"]
     rows[2]["ratio"] = 0.8
     assert list(bench.targets(rows, torch.device("cpu")).values()) == ["met", "NOT met"]
+
+
+def test_folder_bench_prints_every_row_with_its_ratio(tmp_path, cifar_root):
+    """Issue 39's benchmark, at its smallest: the caching pass, the plain DataLoader epoch, both
+    tensor data paths and both training rows, each with a figure and a ratio."""
+    out = tmp_path / "folder.md"
+    r = run_script("benchmarks/folder_bench.py", "--data-dir", cifar_root, "--images", "64", "--image-size", "32",
+                   "--steps", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    table = out.read_text()
+    for row in ("1. caching pass", "2. plain ImageFolder", "3a. data path from the cache", "3b.", "4a.", "4b."):
+        line = next(l for l in table.splitlines() if l.startswith(f"| {row}"))
+        assert float(line.split("|")[2].replace(",", "")) > 0, line
+    assert "Machine: " in table

@@ -537,7 +537,7 @@ def test_evaluate_tests_a_run_on_its_split_seeds_images(cifar_root):
     import evaluate
     args = argparse.Namespace(data_dir=cifar_root, batch_size=64, test_subset=None, no_download=True)
     info = {"image_size": 32, "args": {"seed": 5, "split_seed": 0, "val_split": 5000, "test_subset": 100}}
-    labels = evaluate.test_loader(args, info, "cpu").labels.numpy()
+    labels = evaluate.test_loader(args, info, "cpu", data.open_dataset(cifar_root, download=False)).labels.numpy()
     _, _, _, test_y = data.load_cifar10(cifar_root, download=False)
     assert np.array_equal(labels, test_y[data.test_indices(100, 0)])
     assert not np.array_equal(labels, test_y[data.test_indices(100, 5)])

@@ -312,6 +312,7 @@ def cifar_folder(tmp_path_factory, cifar_root):
 
 
 def test_cifar_as_a_folder_equals_the_binary_files_bit_for_bit(tmp_path, cifar_root, cifar_folder, cifar):
+    import checkpoints
     cache = tmp_path / "cache"
     found = folders.load(str(cifar_folder), 32, str(cache), log=lambda m: None)
     assert found.classes == list(data.CLASSES) and found.base == 32
@@ -324,9 +325,79 @@ def test_cifar_as_a_folder_equals_the_binary_files_bit_for_bit(tmp_path, cifar_r
     for name, where in (("bin", cifar_root), ("png", cifar_folder)):
         r = run_script("train.py", *common, "--data-dir", where, "--run-name", name, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        runs[name] = torch.load(tmp_path / "checkpoints" / name / "last.pth", weights_only=False)
+        runs[name] = checkpoints.load_checkpoint(str(tmp_path / "checkpoints" / name / "last.pth"))
     for key, value in runs["bin"]["state_dict"].items():
         assert torch.equal(value, runs["png"]["state_dict"][key]), key
     a, b = (np.load(tmp_path / "log" / f"{n}-test.npz") for n in ("bin", "png"))
     assert np.array_equal(a["probs"], b["probs"]) and np.array_equal(a["indices"], b["indices"])
     assert json.loads(str(b["meta"]))["dataset"] == "folder:cifar10"
+
+
+# ----------------------------------------------------------------------------------------------
+# Any bytes in the cache's own files, and in the images
+
+
+def test_any_bytes_in_the_cache_files_rebuild_it_never_a_traceback(tmp_path, monkeypatch):
+    root, cache = str(tmp_path / "p"), str(tmp_path / "cache")
+    write_folder(root, per_class=4)
+    good = np.asarray(folders.load(root, 32, cache, log=lambda m: None).splits["train"][0])
+    folder = folders.cache_folder(cache, root, 37)
+    rng = np.random.default_rng(0)
+    for name in ("meta.json", "labels.npy", "usable.npy", "images.u8"):
+        for trial in range(4):
+            with open(os.path.join(folder, name), "rb") as f:
+                whole = f.read()
+            mutated = bytearray(whole)
+            if trial == 0:
+                mutated = mutated[:len(mutated) // 2]
+            elif trial == 1:
+                mutated = bytearray(rng.integers(0, 256, len(whole), dtype=np.uint8).tobytes())
+            else:
+                for i in rng.integers(0, len(whole), 8):
+                    mutated[i] ^= 0xFF
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(bytes(mutated))
+            said, log = lines(None)
+            again = np.asarray(folders.load(root, 32, cache, log=log).splits["train"][0])
+            if name == "images.u8" and trial >= 1:  # same size, other pixels: pixels carry no checksum
+                continue
+            assert np.array_equal(again, good), (name, trial, said)
+    # a damaged progress.json of an interrupted build starts it over
+    monkeypatch.setattr(folders, "CHUNK", 4)
+    partial = folder + ".partial"
+    os.makedirs(partial)
+    for junk in (b"", b"{", b'{"fields": 1}', b"[1, 2]", json.dumps({"fields": None, "chunks": {"0": [[99, 1]]}}).encode()):
+        with open(os.path.join(partial, "progress.json"), "wb") as f:
+            f.write(junk)
+        assert folders.resumable(partial, {"format": 1}) == (None, None)
+
+
+def test_any_bytes_in_an_image_file_decode_or_give_one_reason(tmp_path):
+    """Random, truncated and bit-flipped JPEG/PNG bytes: a uint8 image or BadImage, nothing else."""
+    rng = np.random.default_rng(1)
+    sources = []
+    for ext in ("jpg", "png"):
+        path = tmp_path / f"src.{ext}"
+        picture(1, rng, (40, 30)).save(path)
+        sources.append(path.read_bytes())
+    outcomes = {"decoded": 0, "bad": 0}
+    for trial in range(120):
+        whole = bytearray(sources[trial % 2])
+        kind = trial % 3
+        if kind == 0:
+            whole = whole[:int(rng.integers(0, len(whole)))]
+        elif kind == 1:
+            for i in rng.integers(0, len(whole), 6):
+                whole[i] = int(rng.integers(0, 256))
+        else:
+            whole = whole[:32] + rng.integers(0, 256, 500, dtype=np.uint8).tobytes()
+        path = tmp_path / f"f{trial}.{'jpg' if trial % 2 == 0 else 'png'}"
+        path.write_bytes(bytes(whole))
+        try:
+            out = folders.decode(str(path), 16)
+            assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+            outcomes["decoded"] += 1
+        except folders.BadImage as e:
+            assert str(e) and "\n" not in str(e)
+            outcomes["bad"] += 1
+    assert outcomes["bad"] > 20, outcomes
