@@ -197,6 +197,33 @@ def test_kill_9_while_caching_resumes_and_gives_the_same_cache(tmp_path, monkeyp
     assert np.array_equal(np.asarray(resumed.splits["train"][0]), np.asarray(fresh.splits["train"][0]))
 
 
+class StopAfter:
+    """A utils.StopSignals whose ^C arrives after ``n`` chunks."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def exit_if_requested(self, what):
+        self.n -= 1
+        if self.n < 0:
+            raise UserError(f"stopped by SIGINT {what}", exit_code=130)
+
+
+def test_ctrl_c_while_caching_stops_in_one_line_and_another_chunk_size_starts_over(tmp_path, monkeypatch):
+    root, cache = str(tmp_path / "p"), str(tmp_path / "cache")
+    write_folder(root, per_class=8)
+    monkeypatch.setattr(folders, "CHUNK", 4)
+    with pytest.raises(UserError, match="2 of 6 chunks are cached .* the same command continues") as e:
+        folders.load(root, 32, cache, log=lambda m: None, stop=StopAfter(2))
+    assert e.value.exit_code == 130
+    monkeypatch.setattr(folders, "CHUNK", 5)  # chunks recorded at 4 images mean nothing at 5
+    said, log = lines(None)
+    again = folders.load(root, 32, cache, log=log)
+    assert not any("resuming" in m for m in said), said
+    fresh = folders.load(root, 32, str(tmp_path / "fresh"), log=lambda m: None)
+    assert np.array_equal(np.asarray(again.splits["train"][0]), np.asarray(fresh.splits["train"][0]))
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Bad files
 

@@ -148,6 +148,34 @@ MUTANTS = [
     Mutant("ece-signed", "the calibration error lets over- and under-confidence cancel",
            [("stats.py", "np.abs(acc[filled] - conf[filled])", "(acc[filled] - conf[filled])")],
            [T + "test_stats.py::test_expected_calibration_error_by_hand"]),
+    # -- issue 39: image folders ------------------------------------------------------------------
+    Mutant("folder-hidden-files-read", "a folder's .DS_Store or .ipynb_checkpoints images are trained on",
+           [("folders.py", "found += [name if rel == \".\" else f\"{rel}/{name}\".replace(os.sep, \"/\")\n"
+                           "                  for name in files if visible(name) and",
+             "found += [name if rel == \".\" else f\"{rel}/{name}\".replace(os.sep, \"/\")\n"
+             "                  for name in files if True and")],
+           [T + "test_folders.py::test_layout_classes_files_and_order"]),
+    Mutant("folder-class-major-order", "a folder's images in ImageFolder's class-major order: CIFAR-10 as a "
+           "folder no longer gives the binary files' splits",
+           [("folders.py", "entries.sort(key=lambda e: (e[0], e[1]))", "entries.sort(key=lambda e: (e[1], e[0]))")],
+           [T + "test_folders.py::test_cifar_as_a_folder_equals_the_binary_files_bit_for_bit"]),
+    Mutant("folder-16-bit-clipped", "16-bit grayscale images become white (PIL's own conversion)",
+           [("folders.py", "values = values.clip(0, 65535) // 257", "values = values.clip(0, 255)")],
+           [T + "test_folders.py::test_modes_decode_to_rgb_and_16_bit_is_scaled_not_clipped"]),
+    Mutant("folder-resume-other-chunk-size", "an interrupted cache resumes with chunks of another size: "
+           "images left black",
+           [("folders.py", 'and state["chunk"] == CHUNK', "")],
+           [T + "test_folders.py::test_ctrl_c_while_caching_stops_in_one_line_and_another_chunk_size_starts_over"]),
+    Mutant("folder-bad-file-kept", "an unreadable image is cached as a black picture of its class",
+           [("folders.py", "usable[[i for i, _ in bad]] = False", "usable[[]] = False")],
+           [T + "test_folders.py::test_each_bad_file_is_skipped_counted_named_and_listed"]),
+    Mutant("folder-stale-cache", "a changed folder trains on its old cache",
+           [("folders.py", "digest = hashlib.sha256(json.dumps([layout.classes, records]).encode()).hexdigest()",
+             "digest = hashlib.sha256(json.dumps([layout.classes]).encode()).hexdigest()")],
+           [T + "test_folders.py::test_cache_is_reused_and_a_changed_folder_rebuilds_saying_why"]),
+    Mutant("classes-always-cifar", "a checkpoint records CIFAR-10's names whatever it was trained on",
+           [("checkpoints.py", '"classes": self.classes,', '"classes": list(data.CLASSES)[:len(self.classes)],')],
+           [T + "test_folders.py::test_three_classes_train_evaluate_explain_export[sample_resnet]"]),
 ]
 
 
