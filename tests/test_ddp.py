@@ -203,7 +203,7 @@ def test_torchrun_ctrl_c_resume_and_evaluate(tmp_path, cifar_root):
     assert stdout.count("Test Acc : ") == 1  # rank 0 alone logs
     acc = re.findall(r"Test Acc : ([0-9.]+)", stdout)
 
-    assert sorted(os.listdir(logs)) == ["ddp-confusion.png", "ddp.csv", "ddp.log", "ddp.png"]
+    assert sorted(os.listdir(logs)) == ["ddp-confusion.png", "ddp-test.npz", "ddp.csv", "ddp.log", "ddp.png"]
     assert sorted(os.listdir(out)) == ["ddp"] and sorted(os.listdir(out / "ddp")) == ["Sample_ResNet.pth", "last.pth"]
     rows = (logs / "ddp.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]  # each epoch once, by one process

@@ -428,3 +428,48 @@ def test_any_bytes_in_an_image_file_decode_or_give_one_reason(tmp_path):
             assert str(e) and "\n" not in str(e)
             outcomes["bad"] += 1
     assert outcomes["bad"] > 20, outcomes
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume and torchrun work unchanged on a folder
+
+
+def test_a_folder_run_resumes_bit_identical_and_refuses_other_classes(tmp_path):
+    root = tmp_path / "photos"
+    write_folder(str(root), per_class=12, splits=("train", "test"))
+    common = ["--model", "sample_resnet", "--data-dir", root, "--image-size", "32", "--epochs", "2",
+              "--batch-size", "8", "--val-every", "1", "--device", "cpu"]
+    full = run_script("train.py", *common, "--run-name", "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    split = run_script("train.py", *common, "--run-name", "split", "--stop-after", "1", cwd=tmp_path)
+    assert split.returncode == 0 and "Test Acc" not in split.stdout, split.stderr
+    last = tmp_path / "checkpoints" / "split" / "last.pth"
+    other = tmp_path / "other"
+    write_folder(str(other), per_class=2)
+    os.rename(other / "train" / "fox", other / "train" / "owl")
+    before = last.read_bytes()
+    refused = run_script("train.py", "--resume", last, "--data-dir", other, cwd=tmp_path)
+    assert refused.returncode == 2 and "not in the data: fox; not in the checkpoint: owl" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and last.read_bytes() == before
+    resumed = run_script("train.py", "--resume", last, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    import checkpoints
+    a, b = (checkpoints.load_checkpoint(str(tmp_path / "checkpoints" / n / "last.pth")) for n in ("split", "full"))
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["classes"] == list(CLASSES)
+
+
+def test_torchrun_on_a_folder_builds_the_cache_once(tmp_path):
+    from test_ddp import torchrun
+    root = tmp_path / "photos"
+    write_folder(str(root), per_class=12, splits=("train", "test"))
+    write_bad_files(str(root / "train" / "cat"))
+    proc = torchrun("--model", "sample_resnet", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+                    "--device", "cpu", "--data-dir", root, "--out", tmp_path / "ck", "--log-dir", tmp_path / "log",
+                    "--cache-dir", tmp_path / "cache", "--run-name", "ddp")
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert stdout.count("warning: skipped 6 of 78 files") == 1 and stdout.count("Test Acc : ") == 1
+    assert len(os.listdir(tmp_path / "cache" / "images")) == 1  # one cache, whole (no .partial left)
