@@ -412,7 +412,7 @@ def build(layout, records, fields, folder, image_size, strict, log, stop, worker
         images = np.memmap(os.path.join(partial, "images.u8"), np.uint8, "w+" if done == {} else "r+",
                            shape=(max(len(paths), 1), base, base, 3))
         save_progress(partial, fields, base, done, len(paths))
-        fill(images, paths, base, done, partial, fields, strict, log, stop, pool, folder)
+        fill(images, paths, base, done, partial, fields, strict, stop, pool)
         del images
     bad = sorted((i, why) for chunk in done.values() for i, why in chunk)
     usable = np.ones(len(paths), bool)
@@ -472,7 +472,7 @@ def decode_or_reason(path, base):
         return None, str(e)
 
 
-def fill(images, paths, base, done, partial, fields, strict, log, stop, pool, folder):
+def fill(images, paths, base, done, partial, fields, strict, stop, pool):
     """Decode the chunks not in ``done`` into ``images``; each is flushed before it is recorded."""
     from report import Progress  # the reporting room: progress lines (what, how far, img/s, ETA)
     chunks = [c for c in range(-(-len(paths) // CHUNK)) if c not in done]
