@@ -159,7 +159,7 @@ def cifar_train_images(settings, cifar):
         return settings["train_subset"]
     if not cifar or held is None:
         return None
-    return 50000 - (held if held >= 1 else round(held * 5000) * 10)
+    return 50000 - data.cifar_held_out(held)
 
 
 def fmt_count(v):

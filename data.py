@@ -218,7 +218,7 @@ class ArrayDataset(Dataset):
 # A user's image files (evaluate.py --images, explain.py --images)
 
 
-MAX_ASPECT = 16  # evaluation resizes the shorter side: a 1x100000 strip would become 224 x 22 million
+MAX_ASPECT = folders.MAX_ASPECT  # evaluation resizes the shorter side: a 1x100000 strip would become 224 x 22 million
 
 
 def load_image(path):
@@ -505,6 +505,12 @@ def classes_of(data_dir):
     """The class names of --data-dir without reading any image: CIFAR-10's ten, or an image
     folder's (its layout checked: one line, exit 2, when it is not usable)."""
     return folders.classes_of(data_dir) if is_folder(data_dir) else list(CLASSES)
+
+
+def cifar_held_out(val_split):
+    """How many of CIFAR-10's 50,000 training images --val-split holds out (a count, or a fraction
+    of each class's 5,000)."""
+    return val_split if val_split >= 1 else round(val_split * 5000) * 10
 
 
 def default_val_split(data_dir):

@@ -149,8 +149,7 @@ def check_args(args):
     empty = [f for f, v in (("--out", args.out), ("--log-dir", args.log_dir), ("--cache-dir", args.cache_dir),
                             ("--run-name", args.run_name)) if v is not None and not v.strip()]
     folder = data.is_folder(args.data_dir)  # an image folder's sizes are checked when it is read
-    held = args.val_split if args.val_split >= 1 else round(args.val_split * 5000) * 10
-    pool = 1 if folder else 50000 - held
+    pool = 1 if folder else 50000 - data.cifar_held_out(args.val_split)
     problems = [
         (not 0 <= args.seed < 2**64, f"--seed {args.seed} is not from 0 to 2**64 - 1"),  # torch's and numpy's range
         (not 0 <= data.split_seed(vars(args)) < 2**64, f"--split-seed {args.split_seed} is not from 0 to 2**64 - 1"),
