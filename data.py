@@ -9,14 +9,14 @@ same kind of normalised batches from either:
 * ``pil``     -- the seed's pipeline: torchvision PIL transforms in a DataLoader, one image at a time.
 * ``tensor``  -- the images stay on the training device as one uint8 tensor; each batch is flipped,
                  random-resized-cropped (one independent draw per image), resized and normalised
-                 there with two small batched matmuls (see ``resample``).
+                 there with two small batched matmuls (see ``resample``), or, for images stored
+                 above 64 px on the CPU, torch's uint8 resize kernels (``resample_kernels``).
 """
 import hashlib
 import os
 import sys
 import urllib.error
 import warnings
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -343,11 +343,72 @@ def _resample_nhwc(images, rows, cols, mean, std, out=None, tmp=None):
     return x.view(n, size, size, 3).permute(0, 3, 1, 2)  # a channels_last (N, 3, S, S) view
 
 
-def resample_buffers(n, size, channels_last=False, side=32):
-    """(out, tmp) of the shapes ``resample`` writes from ``side`` px images."""
+def resample_buffers(n, size, channels_last=False, side=32, kernels=False):
+    """(out, tmp) of the shapes ``resample`` writes from ``side`` px images; with ``kernels``,
+    (out, None) for ``resample_kernels``."""
+    if kernels:
+        return torch.empty(n, size, size * 3), None
     if channels_last:
         return torch.empty(n, size, size * 3), torch.empty(n, size, side * 3)
     return torch.empty(n, 3, size, size), torch.empty(n, 3, side, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same flip + crop + resize by torch's uint8 resize kernels, for large stored images.
+#
+# The two matmuls cost S * B * (B + S) multiply-adds per channel: little for CIFAR-10's 32 px, but
+# 67 M per image for an image folder cached at 224 px (under 700 img/s on two cores). Enlarging a
+# crop bilinearly reads 2 input pixels per output pixel; torch's uint8 kernels (those behind
+# torchvision's tensor Resize, antialiased like PIL) do it about 7x faster on the same cores
+# (benchmarks/folder_bench.py). They round to uint8 after each resize, as PIL does in the seed's
+# pipeline. On a GPU the matmuls stay: dense batched matmuls are what it does fastest.
+KERNEL_SIDE = 64  # stored sides above this take the kernels on the CPU (at 64 px both are as fast)
+
+
+def uses_kernels(side, device):
+    return torch.device(device).type == "cpu" and side > KERNEL_SIDE
+
+
+def normalise_rows(size):
+    """(scale, shift) as rows of S*3 values: an NHWC batch viewed as (N*S, S*3) is normalised by
+    one broadcast over its last dimension, which vectorises (a (3,) broadcast does not: 4x slower)."""
+    scale = torch.tensor([1 / (255 * s) for s in STD]).repeat(size)
+    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).repeat(size)
+    return scale, shift
+
+
+def resample_kernels(images, size, crops=None, out=None):
+    """uint8 (N, B, B, 3) -> normalised float32 (N, 3, S, S) in channels_last memory, as
+    ``resample`` computes it: Resize(S) of the whole batch, then per image its flip and crop box
+    (``crops``: top, left, side, flip, as ``draw_crops`` returns them) resized back to S.
+    ``out`` (N, S, S*3) float32 is filled when given."""
+    resize = torch.nn.functional.interpolate
+    n = len(images)
+    x = images.permute(0, 3, 1, 2)  # a channels_last NCHW view: what the uint8 kernels read
+    if images.shape[1] != size:
+        x = resize(x, size=(size, size), mode="bilinear", antialias=True)
+    out = torch.empty(n, size, size * 3, device=images.device) if out is None else out
+    scale, shift = (v.to(images.device) for v in normalise_rows(size))
+    if crops is None:
+        flat = out.view(n * size, size * 3)
+        flat.copy_(x.permute(0, 2, 3, 1).reshape(n * size, size * 3))
+        torch.addcmul(shift, flat, scale, out=flat)
+        return out.view(n, size, size, 3).permute(0, 3, 1, 2)
+    # one call per image, in this thread: on two cores 2x faster than stacking the crops of equal
+    # size into batched calls; worker threads were slower still (each brings its own OpenMP team).
+    # Each image is normalised while its pixels are still in the cache.
+    for i, (top, left, side, flip) in enumerate(zip(*(c.tolist() for c in crops))):
+        if flip:  # the box on the mirrored image is the mirrored box on this one
+            left = size - left - side
+        # enlarging (side <= size): antialiasing changes no pixel, its kernel is just slower
+        crop = resize(x[i:i + 1, :, top:top + side, left:left + side], size=(size, size), mode="bilinear",
+                      antialias=False)[0].permute(1, 2, 0)  # (S, S, 3)
+        if flip:
+            crop = crop.flip(1)
+        image = out[i]
+        image.copy_(crop.reshape(size, size * 3))
+        torch.addcmul(shift, image, scale, out=image)
+    return out.view(n, size, size, 3).permute(0, 3, 1, 2)
 
 
 class TensorLoader:
@@ -359,12 +420,16 @@ class TensorLoader:
     function of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one
     would. Under DDP every rank draws the same global batch and keeps its own slice of it.
 
+    Images stored above KERNEL_SIDE px are resampled on the CPU by torch's uint8 kernels
+    (``resample_kernels``), smaller ones and every batch on a GPU by the matmuls (``resample``);
+    ``kernels`` forces one or the other.
+
     On the CPU each batch is written into one reused buffer: a batch is valid until the next one
     is drawn (clone it to keep it).
     """
 
     def __init__(self, images, labels, batch_size, image_size, train, device, seed=0, augment=True,
-                 rank=0, world_size=1, channels_last=False):
+                 rank=0, world_size=1, channels_last=False, kernels=None):
         self.device = torch.device(device)
         mapped = isinstance(images, folders.ImageRows)  # stays on disk: read per batch
         self.images = images if mapped else torch.as_tensor(images).to(self.device)
@@ -372,6 +437,7 @@ class TensorLoader:
         self.batch_size, self.size, self.train, self.augment = batch_size, image_size, train, train and augment
         self.seed, self.rank, self.world_size, self.channels_last = seed, rank, world_size, channels_last
         self.side = images.shape[1]  # 32 for CIFAR-10, an image folder's base size
+        self.kernels = uses_kernels(self.side, self.device) if kernels is None else kernels
         self.resize = resize_matrix(self.side, image_size).to(self.device, torch.float32)
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
@@ -390,8 +456,8 @@ class TensorLoader:
             return None, None
         stale = self.buffer is not None and self.buffer[0].is_inference() and not torch.is_inference_mode_enabled()
         if self.buffer is None or len(self.buffer[0]) < n or stale:  # inference tensors stay in inference mode
-            self.buffer = resample_buffers(n, self.size, self.channels_last, self.side)
-        return self.buffer[0][:n], self.buffer[1][:n]
+            self.buffer = resample_buffers(n, self.size, self.channels_last, self.side, self.kernels)
+        return tuple(b if b is None else b[:n] for b in self.buffer)
 
     def __iter__(self):
         n = len(self.images)
@@ -411,6 +477,9 @@ class TensorLoader:
         """The images ``idx`` resized and normalised, flipped and cropped by ``crops`` when given
         (top, left, side, flip per image, as ``draw_crops`` returns them)."""
         idx = torch.as_tensor(idx, device=self.device)
+        if self.kernels:
+            x = resample_kernels(self.rows(idx), self.size, crops, self._buffers(len(idx))[0])
+            return x if self.channels_last else x.contiguous()
         if crops is not None:
             rows, cols = augment_matrices(self.resize, *crops)
         else:

@@ -13,12 +13,12 @@ numbered files (tools/cifar_to_folder.py) keeps its original order and its seede
 Each image is decoded once (any mode: grayscale, palette, RGBA, 16-bit, CMYK -> RGB), its shorter
 side resized to the base size, centre-cropped square and kept in an on-disk uint8 cache
 (``<cache-dir>/images/<folder>-<hash>-<base>px/images.u8``, N x base x base x 3), read
-memory-mapped: a 50,000-image folder at 256 px is 9.8 GB of cache, never loaded whole. Training then
+memory-mapped: a 50,000-image folder at 224 px is 7.5 GB of cache, never loaded whole. Training then
 runs data.py's batched flip + crop + resize path from the base size, as for CIFAR-10's 32 px.
 
-The base size is 8/7 of --image-size (256 for 224: ImageNet's Resize(256) before a 224 crop), but
-never more than the largest image's shorter side: a folder of 32 px images is cached at 32 px,
-as they are, so the cache never stores upsampled pixels.
+The base size is --image-size (the seed's first transform, Resize(224), done once here), but never
+more than the largest image's shorter side: a folder of 32 px images is cached at 32 px, as they
+are, so the cache never stores upsampled pixels.
 
 The cache is keyed by every file's path, size and modification time, and the base size: a changed
 folder rebuilds it, saying why in one line. It is written in chunks, each flushed before it is
@@ -47,8 +47,7 @@ from utils import UserError, atomic_write_text, first_line
 
 SPLITS = ("train", "val", "test")
 FORMAT = 1  # of the cache: bump when decoding changes, so old caches rebuild
-CHUNK = 512  # images per chunk: the unit of resume (about a second at 256 px on two cores)
-BASE_RATIO = 8 / 7  # base size = 8/7 of --image-size: 256 for 224
+CHUNK = 512  # images per chunk: the unit of resume (about a second at 224 px on two cores)
 MIN_SIDE = 8  # px: smaller images are skipped (a 1-pixel "image" is a broken export, not a photo)
 MAX_ASPECT = 16  # as data.load_image: a 1 x 10,000 strip is not a picture to classify
 WORKERS = 2  # decoding threads: PIL releases the GIL while it decodes and resizes
@@ -215,10 +214,9 @@ def shorter_side(path):
 
 
 def base_size(image_size, sides):
-    """8/7 of the image size, but no more than the largest (usable) shorter side among ``sides``."""
-    target = round(image_size * BASE_RATIO)
+    """The image size, but no more than the largest (usable) shorter side among ``sides``."""
     usable = [s for s in sides if s]
-    return min(target, max(usable)) if usable else target
+    return min(image_size, max(usable)) if usable else image_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,9 +342,8 @@ def load(root, image_size, cache_dir="cache", strict=False, log=print, stop=None
     missing or stale). ``log``: one-line messages; ``stop`` (utils.StopSignals): ^C between chunks."""
     layout = scan(root)
     records = file_records(layout)
-    target = round(image_size * BASE_RATIO)
-    fields = cache_fields(layout, records, target)
-    folder = cache_folder(cache_dir, root, target)
+    fields = cache_fields(layout, records, image_size)
+    folder = cache_folder(cache_dir, root, image_size)
     meta = read_json(os.path.join(folder, "meta.json"))
     if meta is not None and meta.get("fields") == fields:
         try:

@@ -7,11 +7,11 @@ It writes --images JPEGs of 256 x 256 px (CIFAR-10 test images, upsampled, quali
 class folders in a temporary folder, then measures on this machine, in this order:
 
 1. the caching pass (folders.load: decode, resize to the base size, write the uint8 cache), img/s;
-2. one epoch of a plain ``ImageFolder`` + ``DataLoader(num_workers=2)`` with the seed's transforms
+2. the median of three epochs of a plain ``ImageFolder`` + ``DataLoader(num_workers=2)`` with the seed's transforms
    (Resize, flip, RandomResizedCrop, ToTensor, Normalize) at --image-size, img/s;
-3. one epoch of the data path from the cache (data.TensorLoader on the memory-mapped rows: the
-   same flip + crop + resize as CIFAR-10's, from the base size), and the same loader on CIFAR-10's
-   32 px tensors, img/s;
+3. the median of three epochs of the data path from the cache (data.TensorLoader on the memory-mapped rows: the
+   same flip + crop + resize as CIFAR-10's, from the base size, by torch's uint8 kernels), the same
+   by the two matmuls CIFAR-10's 32 px take (kernels=False), and the loader on CIFAR-10's tensors, img/s;
 4. training (sample_resnet, --steps steps of batch 32, forward + backward + SGD) fed by each of the
    two tensor loaders, alternated step by step, img/s.
 
@@ -36,6 +36,7 @@ from utils import cpu_name, tune_cpu_allocator  # noqa: E402
 
 BATCH = 128  # the data paths' batch (train.py's default)
 TRAIN_BATCH = 32  # training steps: small enough for a CPU
+EPOCHS = 3  # the epoch rows: the median of this many epochs (a few seconds each)
 JPEG_SIDE = 256
 
 
@@ -61,17 +62,21 @@ def plain_epoch(folder, image_size, batch):
     import torchvision
     dataset = torchvision.datasets.ImageFolder(os.path.join(folder, "train"), data.seed_train_transform(image_size))
     loader = torch.utils.data.DataLoader(dataset, batch, shuffle=True, num_workers=2, drop_last=True)
-    started, n = time.perf_counter(), 0
-    for x, _ in loader:
-        n += len(x)
-    return n, time.perf_counter() - started
+    return median_epoch(loader)
 
 
-def tensor_epoch(loader):
-    started, n = time.perf_counter(), 0
-    for x, _ in loader:
-        n += len(x)
-    return n, time.perf_counter() - started
+def median_epoch(loader, epochs=EPOCHS):
+    """(images, seconds) of the median of ``epochs`` epochs: one short epoch is at the mercy of
+    whatever else the machine does for a moment."""
+    timed = []
+    for epoch in range(epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        started, n = time.perf_counter(), 0
+        for x, _ in loader:
+            n += len(x)
+        timed.append(time.perf_counter() - started)
+    return n, sorted(timed)[len(timed) // 2]
 
 
 def training(loaders, steps):
@@ -118,8 +123,10 @@ def main(argv=None):
         rows, labels = found.splits["train"]
         cached = data.TensorLoader(rows, labels, batch, args.image_size, True, "cpu", channels_last=True)
         cifar = data.TensorLoader(train_x[:n], train_y[:n], batch, args.image_size, True, "cpu", channels_last=True)
-        cached_n, cached_s = tensor_epoch(cached)
-        cifar_n, cifar_s = tensor_epoch(cifar)
+        cached_n, cached_s = median_epoch(cached)
+        matmul_n, matmul_s = median_epoch(data.TensorLoader(rows, labels, batch, args.image_size, True, "cpu",
+                                                            channels_last=True, kernels=False))
+        cifar_n, cifar_s = median_epoch(cifar)
         train = training({"folder": data.TensorLoader(rows, labels, TRAIN_BATCH, args.image_size, True, "cpu",
                                                       channels_last=True),
                           "cifar": data.TensorLoader(train_x[:n], train_y[:n], TRAIN_BATCH, args.image_size, True,
@@ -128,6 +135,8 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
     caching, plain = rate(n, cache_s), rate(plain_n, plain_s)
     from_cache, from_cifar = rate(cached_n, cached_s), rate(cifar_n, cifar_s)
+    by_matmul = rate(matmul_n, matmul_s)
+    path = "uint8 kernels" if cached.kernels else "matmuls"
     lines = [
         f"# Image folders: caching and data path, {n:,} JPEGs of {JPEG_SIDE} px ({mb:.0f} MB), {args.image_size} px",
         "",
@@ -138,17 +147,20 @@ def main(argv=None):
         "|---|---:|---:|---|",
         f"| 1. caching pass (decode, resize to {found.base} px, write uint8) | {caching:,.0f} | "
         f"{caching / plain:.2f}x the plain epoch | >= 1x |",
-        f"| 2. plain ImageFolder + DataLoader(num_workers=2), seed's transforms, one epoch | {plain:,.0f} | 1.00x | |",
-        f"| 3a. data path from the cache (TensorLoader, flip + crop + resize), one epoch | {from_cache:,.0f} | "
-        f"{from_cache / plain:.1f}x the plain epoch | >= 5x |",
-        f"| 3b. the same data path from CIFAR-10's 32 px tensors | {from_cifar:,.0f} | "
+        f"| 2. plain ImageFolder + DataLoader(num_workers=2), seed's transforms, an epoch | {plain:,.0f} | 1.00x | |",
+        f"| 3a. data path from the cache (TensorLoader, flip + crop + resize by {path}), an epoch | "
+        f"{from_cache:,.0f} | {from_cache / plain:.1f}x the plain epoch | >= 5x |",
+        f"| 3b. the same by the two matmuls (kernels=False), an epoch | {by_matmul:,.0f} | "
+        f"{by_matmul / plain:.1f}x the plain epoch | |",
+        f"| 3c. the same data path from CIFAR-10's 32 px tensors | {from_cifar:,.0f} | "
         f"{from_cifar / plain:.1f}x the plain epoch | |",
         f"| 4a. training sample_resnet (batch {TRAIN_BATCH}) from the cache | {train['folder']:,.1f} | "
         f"{train['folder'] / train['cifar']:.3f}x CIFAR-10's | >= 0.9x |",
         f"| 4b. training sample_resnet (batch {TRAIN_BATCH}) from CIFAR-10's tensors | {train['cifar']:,.1f} | 1.000x | |",
         "",
         f"Training steps alternate between the two loaders ({args.steps} timed each, after one untimed), so "
-        f"both share the machine's state; the data paths and the caching pass run one after another.",
+        f"both share the machine's state; the data paths and the caching pass run one after another. "
+        f"Epoch rows (2, 3a-c): the median of {EPOCHS} epochs.",
     ]
     print("\n".join(lines))
     if args.out:

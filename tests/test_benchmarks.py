@@ -218,13 +218,14 @@ def test_bench_targets_allow_for_noise_only_near_the_target():
 
 def test_folder_bench_prints_every_row_with_its_ratio(tmp_path, cifar_root):
     """Issue 39's benchmark, at its smallest: the caching pass, the plain DataLoader epoch, both
-    tensor data paths and both training rows, each with a figure and a ratio."""
+    tensor data paths and both training rows, each with a figure and a ratio. At 80 px the cache
+    (base 80) takes the uint8 kernels, as at 224."""
     out = tmp_path / "folder.md"
-    r = run_script("benchmarks/folder_bench.py", "--data-dir", cifar_root, "--images", "64", "--image-size", "32",
+    r = run_script("benchmarks/folder_bench.py", "--data-dir", cifar_root, "--images", "64", "--image-size", "80",
                    "--steps", "1", "--out", out)
     assert r.returncode == 0, r.stderr
     table = out.read_text()
-    for row in ("1. caching pass", "2. plain ImageFolder", "3a. data path from the cache", "3b.", "4a.", "4b."):
+    for row in ("1. caching pass", "2. plain ImageFolder", "3a. data path from the cache", "3b.", "3c.", "4a.", "4b."):
         line = next(l for l in table.splitlines() if l.startswith(f"| {row}"))
         assert float(line.split("|")[2].replace(",", "")) > 0, line
-    assert "Machine: " in table
+    assert "Machine: " in table and "by uint8 kernels" in table

@@ -213,9 +213,9 @@ def test_subset():
 # The seed's transforms
 
 
-def _images(n, seed=0):
-    """Random uint8 (n, 32, 32, 3): high-frequency content shows any resampling misalignment."""
-    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+def _images(n, seed=0, side=32):
+    """Random uint8 (n, side, side, 3): high-frequency content shows any resampling misalignment."""
+    return np.random.default_rng(seed).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("size", [224, 64, 32])
@@ -277,23 +277,7 @@ def test_batched_augmentation_matches_pil(size, n):
     """Measured max |diff| (pixel units): 1.72/255 at 224, 1.97/255 at 64, 1.00/255 at 32;
     mean about 0.35, 0.41, 0.29 /255."""
     images = _images(n, seed=size)
-    g = torch.Generator().manual_seed(size)
-    boxes = []
-    smallest = round(size * math.sqrt(0.8))
-    edge = [(0, 0, size), (0, 0, smallest), (size - smallest, size - smallest, smallest),
-            (0, size - smallest, smallest)]  # the whole image and the smallest crops at corners
-    for i in range(n):
-        if i < len(edge):
-            top, left, side = edge[i]
-        else:  # torchvision's own draw of the seed's crop
-            torch.manual_seed(1000 * size + i)
-            top, left, h, side = T.RandomResizedCrop.get_params(torch.empty(3, size, size), (0.8, 1.0), (1.0, 1.0))
-            assert h == side
-        boxes.append((top, left, side, bool(torch.rand(1, generator=g) < 0.5) if i >= 2 else i == 1))
-    top, left, side = (torch.tensor([b[k] for b in boxes]) for k in range(3))
-    flip = torch.tensor([b[3] for b in boxes])
-    assert flip.any() and (~flip).any()
-
+    boxes, (top, left, side, flip) = _edge_and_drawn_boxes(n, size, seed=size)
     resize = data.resize_matrix(32, size).to(torch.float32)
     rows, cols = data.augment_matrices(resize, top, left, side, flip)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
@@ -308,6 +292,63 @@ def test_batched_augmentation_matches_pil(size, n):
     wrong_rows, wrong_cols = data.augment_matrices(resize, top, left, side, ~flip)
     wrong = data.resample(torch.from_numpy(images), wrong_rows, wrong_cols, mean, std)
     assert _pixel_diff(wrong, ref).amax(dim=(1, 2, 3)).min() > 10 / 255
+
+
+def _edge_and_drawn_boxes(n, size, seed):
+    """n crop boxes (top, left, side, flip): the whole image and the smallest crops at three
+    corners, flipped and not, then torchvision's own draws of the seed's crop."""
+    g = torch.Generator().manual_seed(seed)
+    smallest = round(size * math.sqrt(0.8))
+    edge = [(0, 0, size), (0, 0, smallest), (size - smallest, size - smallest, smallest),
+            (0, size - smallest, smallest)]
+    boxes = []
+    for i in range(n):
+        if i < len(edge):
+            top, left, side = edge[i]
+        else:
+            torch.manual_seed(1000 * size + i)
+            top, left, h, side = T.RandomResizedCrop.get_params(torch.empty(3, size, size), (0.8, 1.0), (1.0, 1.0))
+            assert h == side
+        boxes.append((top, left, side, bool(torch.rand(1, generator=g) < 0.5) if i >= 2 else i == 1))
+    crops = [torch.tensor([b[k] for b in boxes]) for k in range(4)]
+    assert crops[3].any() and (~crops[3]).any()
+    return boxes, crops
+
+
+@pytest.mark.parametrize("side,size", [(224, 224), (96, 80), (72, 96)])
+def test_kernel_path_matches_pil(side, size):
+    """Images stored above KERNEL_SIDE px (an image folder's cache) take torch's uint8 kernels on
+    the CPU: the seed's PIL pipeline within a rounding step per resize, the same size (the cache
+    holds Resize(S) already), shrunk or enlarged first. Measured max |diff| 1/255 (torch's uint8
+    kernels round as PIL does), mean 0.010, 0.002 and 0 /255."""
+    assert data.uses_kernels(side, "cpu") and not data.uses_kernels(32, "cpu") and not data.uses_kernels(side, "meta")
+    images = _images(6, seed=side, side=side)
+    boxes, crops = _edge_and_drawn_boxes(len(images), size, seed=side)
+    loader = data.TensorLoader(images, np.zeros(len(images)), len(images), size, train=True, device="cpu",
+                               channels_last=True)
+    assert loader.kernels
+    out = loader.batch(torch.arange(len(images)), crops)
+    ref = torch.stack([_pil_reference(im, size, *b) for im, b in zip(images, boxes)])
+    assert out.shape == ref.shape == (len(images), 3, size, size) and out.is_contiguous(memory_format=torch.channels_last)
+    diff = _pixel_diff(out, ref)
+    print(f"{side} -> {size}: max {diff.max().item() * 255:.3f}/255, mean {diff.mean().item() * 255:.3f}/255")
+    assert diff.max() <= 1.01 / 255 and diff.mean() < 0.05 / 255
+    # the matmuls give the same batch within the kernels' rounding
+    matmul = data.TensorLoader(images, np.zeros(len(images)), len(images), size, train=True, device="cpu",
+                               kernels=False).batch(torch.arange(len(images)), crops)
+    assert _pixel_diff(out, matmul).max() <= 2.01 / 255
+    # a wrong flip is far outside the tolerance
+    top, left, sides, flip = crops
+    assert _pixel_diff(loader.batch(torch.arange(len(images)), (top, left, sides, ~flip)), ref).amax(
+        dim=(1, 2, 3)).min() > 10 / 255
+    # and so is a box off by one pixel
+    shifted = _pixel_diff(loader.batch(torch.arange(len(images)), (top.clamp(min=1) - 1, left, sides, flip)), ref)
+    assert shifted.amax(dim=(1, 2, 3))[top > 0].min() > 10 / 255
+    # evaluation: Resize(S) alone, as the eval transform
+    evaluated = data.TensorLoader(images, np.zeros(len(images)), len(images), size, train=False,
+                                  device="cpu").batch(torch.arange(len(images)))
+    ref = torch.stack([data.eval_transform(size)(Image.fromarray(im)) for im in images])
+    assert _pixel_diff(evaluated, ref).max() <= 1.01 / 255
 
 
 @pytest.mark.parametrize("size", [224, 64, 32])

@@ -117,10 +117,11 @@ def test_modes_decode_to_rgb_and_16_bit_is_scaled_not_clipped(tmp_path):
         assert folders.decode(str(path), 12).shape == (12, 12, 3), mode
 
 
-def test_base_size_is_8_7_of_the_image_size_capped_by_the_images(tmp_path):
-    assert folders.base_size(224, [300, 500, None]) == 256
+def test_base_size_is_the_image_size_capped_by_the_images(tmp_path):
+    assert folders.base_size(224, [300, 500, None]) == 224  # the seed's Resize(224), done once
     assert folders.base_size(224, [32, 32]) == 32  # never upsampled in the cache
-    assert folders.base_size(32, [100]) == 37
+    assert folders.base_size(224, [100, 150]) == 150
+    assert folders.base_size(32, [100]) == 32
     write_folder(str(tmp_path / "p"), per_class=2, size_range=(40, 60))
     found = folders.load(str(tmp_path / "p"), 224, str(tmp_path / "cache"), log=lambda m: None)
     largest = max(min(Image.open(os.path.join(tmp_path, "p", p)).size) for p, _ in
@@ -178,7 +179,7 @@ def test_kill_9_while_caching_resumes_and_gives_the_same_cache(tmp_path, monkeyp
     write_folder(root, per_class=12)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CACHING.format(root=ROOT, folder=root, cache=cache)],
                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = folders.cache_folder(cache, root, 37) + ".partial"
+    partial = folders.cache_folder(cache, root, 32) + ".partial"
     deadline = time.time() + 60
     while time.time() < deadline:
         state = folders.read_json(os.path.join(partial, "progress.json"))
@@ -188,7 +189,7 @@ def test_kill_9_while_caching_resumes_and_gives_the_same_cache(tmp_path, monkeyp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert state and 2 <= len(state["chunks"]) < 9, "killed too late to test a resume"
-    assert not os.path.exists(folders.cache_folder(cache, root, 37)), "a half-written cache must not be in place"
+    assert not os.path.exists(folders.cache_folder(cache, root, 32)), "a half-written cache must not be in place"
     said, log = lines(None)
     monkeypatch.setattr(folders, "CHUNK", 4)  # the killed process's chunks (another size starts over)
     resumed = folders.load(root, 32, cache, log=log)
@@ -368,7 +369,7 @@ def test_any_bytes_in_the_cache_files_rebuild_it_never_a_traceback(tmp_path, mon
     root, cache = str(tmp_path / "p"), str(tmp_path / "cache")
     write_folder(root, per_class=4)
     good = np.asarray(folders.load(root, 32, cache, log=lambda m: None).splits["train"][0])
-    folder = folders.cache_folder(cache, root, 37)
+    folder = folders.cache_folder(cache, root, 32)
     rng = np.random.default_rng(0)
     for name in ("meta.json", "labels.npy", "usable.npy", "images.u8"):
         for trial in range(4):
