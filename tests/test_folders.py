@@ -436,12 +436,17 @@ def test_any_bytes_in_an_image_file_decode_or_give_one_reason(tmp_path):
 
 
 def test_a_folder_run_resumes_bit_identical_and_refuses_other_classes(tmp_path):
+    """At 72 px from images of 72-90 px: the cache is at 72 px, above data.KERNEL_SIDE, so the
+    batches come from torch's uint8 kernels (as at 224 px), and a resumed run still equals the
+    uninterrupted one bit for bit."""
     root = tmp_path / "photos"
-    write_folder(str(root), per_class=12, splits=("train", "test"))
-    common = ["--model", "sample_resnet", "--data-dir", root, "--image-size", "32", "--epochs", "2",
+    write_folder(str(root), per_class=8, splits=("train", "test"), size_range=(72, 90))
+    common = ["--model", "sample_resnet", "--data-dir", root, "--image-size", "72", "--epochs", "2",
               "--batch-size", "8", "--val-every", "1", "--device", "cpu"]
     full = run_script("train.py", *common, "--run-name", "full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr
+    (cache,) = (tmp_path / "cache" / "images").glob("photos-*-72px")
+    assert (cache / "images.u8").stat().st_size == (24 + 24) * 72 * 72 * 3 and data.uses_kernels(72, "cpu")
     split = run_script("train.py", *common, "--run-name", "split", "--stop-after", "1", cwd=tmp_path)
     assert split.returncode == 0 and "Test Acc" not in split.stdout, split.stderr
     last = tmp_path / "checkpoints" / "split" / "last.pth"
