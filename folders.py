@@ -47,7 +47,7 @@ from utils import UserError, atomic_write_text, first_line
 
 SPLITS = ("train", "val", "test")
 FORMAT = 1  # of the cache: bump when decoding changes, so old caches rebuild
-CHUNK = 512  # images per chunk: the unit of resume (about a second at 224 px on two cores)
+CHUNK = 512  # images per chunk: the unit of resume (about half a second at 224 px on two cores)
 MIN_SIDE = 8  # px: smaller images are skipped (a 1-pixel "image" is a broken export, not a photo)
 MAX_ASPECT = 16  # as data.load_image: a 1 x 10,000 strip is not a picture to classify
 WORKERS = 2  # decoding threads: PIL releases the GIL while it decodes and resizes
