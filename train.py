@@ -400,6 +400,9 @@ def run(args, ckpt, rt):
     loaders, net, eval_net = make_loaders(args, model, rt, log, stop, dataset)
     log.info(f"data: {dataset.name}, {len(classes)} classes, " + " / ".join(
         f"{images(loaders[k]):,} {k}" for k in ("train", "val", "test")) + " images")
+    if dataset.val is not None and args.val_split != data.default_val_split(args.data_dir):
+        log.info(f"--val-split {args.val_split} is not used: {os.path.join(args.data_dir, 'val')} holds the "
+                 f"validation images")
     optimizer, scheduler, criterion, (epoch, step, best_acc, meter_state) = engine.make_optimisation(
         args, model, len(loaders["train"]), ckpt, fused=rt.cuda)
     saver = checkpoints.Checkpointer(model, model_cfg, optimizer, scheduler, args, rt, run_dir, run_name, best_acc,

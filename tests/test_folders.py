@@ -93,9 +93,11 @@ def test_val_folder_is_the_validation_set_and_no_test_folder_means_no_test(tmp_p
     write_folder(str(root), per_class=8, splits=("train", "val"))
     splits = data.get_splits(str(root), val_split=0.5, image_size=32, cache_dir=str(tmp_path / "cache"))
     assert len(splits["train"][1]) == 24 and len(splits["val"][1]) == 24 and splits["test"] is None
-    r = run_script("train.py", "--model", "sample_resnet", "--data-dir", root, *TINY, "--run-name", "r", cwd=tmp_path)
+    r = run_script("train.py", "--model", "sample_resnet", "--data-dir", root, *TINY, "--run-name", "r",
+                   "--val-split", "0.5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "no test pass" in r.stdout and "24 train / 24 val / 0 test images" in r.stdout
+    assert f"--val-split 0.5 is not used: {root / 'val'} holds the validation images" in r.stdout  # not silently
     assert os.path.isfile(tmp_path / "checkpoints" / "r" / "Sample_ResNet.pth")
     assert not os.path.exists(tmp_path / "log" / "r-test.npz")
 
