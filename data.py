@@ -359,7 +359,7 @@ def resample_buffers(n, size, channels_last=False, side=32, kernels=False):
 # The two matmuls cost S * B * (B + S) multiply-adds per channel: little for CIFAR-10's 32 px, but
 # 67 M per image for an image folder cached at 224 px (under 700 img/s on two cores). Enlarging a
 # crop bilinearly reads 2 input pixels per output pixel; torch's uint8 kernels (those behind
-# torchvision's tensor Resize, antialiased like PIL) do it about 7x faster on the same cores
+# torchvision's tensor Resize, antialiased like PIL) do it about 6x faster on the same cores
 # (benchmarks/folder_bench.py). They round to uint8 after each resize, as PIL does in the seed's
 # pipeline. On a GPU the matmuls stay: dense batched matmuls are what it does fastest.
 KERNEL_SIDE = 64  # stored sides above this take the kernels on the CPU (at 64 px both are as fast)
