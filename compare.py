@@ -15,7 +15,8 @@ compared by the paired t-test of their seeds (same seeds) or Welch's t-test; and
 A run is train.py's log/<run>.csv, with the log/<run>.log beside it and the checkpoints that log
 names. The table (stdout) has, per run: model, train accuracy of the last epoch, best validation
 accuracy, test accuracy (the log's `Test Acc`), trainable parameters, epochs, image size, training
-images (from the run's arguments in its checkpoint), training wall time (the epochs' `seconds`
+images (the log's "data:" line; a log older than that line, the run's arguments in its
+checkpoint), training wall time (the epochs' `seconds`
 summed: training steps only, not data loading, validation or test) and training images/s (a frozen
 model trained on cached features, --no-augment: its head's; the backbone ran once, before). What
 cannot be known yet (a run still going has no test accuracy; a deleted checkpoint, no arguments)
@@ -91,6 +92,21 @@ def read_predictions_beside(csv_path, name):
     return report.read_predictions(path)
 
 
+def checkpoint_settings(name, log_path, info):
+    """(train.py's arguments, class names) from the run's checkpoint; ({}, None) if it is gone."""
+    ckpt = find_checkpoint(log_path, info)
+    if not ckpt:
+        warn(f"{name}: no checkpoint in {info.get('ckpt_dir', '(not named in the log)')}/ (deleted?) and no "
+             f"'data:' line in its log: training images unknown")
+        return {}, None
+    try:
+        loaded = checkpoints.load_checkpoint(ckpt)
+        return loaded["args"], loaded["classes"]
+    except UserError as e:
+        warn(f"{name}: {e}; training images unknown")
+        return {}, None
+
+
 def run_row(csv_path):
     """One run -> (name, table cells, epochs rows, predictions or None); what is missing is said on stderr."""
     if csv_path.endswith(".npz"):
@@ -103,23 +119,15 @@ def run_row(csv_path):
         warn(f"{name}: no log {log_path} (or no run line in it): model, parameters, image size, test "
              f"accuracy and training images are unknown")
     args, classes = {}, None
-    ckpt = find_checkpoint(log_path, info)
-    if ckpt:
-        try:
-            loaded = checkpoints.load_checkpoint(ckpt)
-            args, classes = loaded["args"], loaded["classes"]
-        except UserError as e:
-            warn(f"{name}: {e}; training images unknown")
-    elif info:
-        warn(f"{name}: no checkpoint in {info.get('ckpt_dir', '(not named in the log)')}/ (deleted?): "
-             f"training images unknown")
+    if info and "train_images" not in info:  # a log older than its "data:" line: the checkpoint says it
+        args, classes = checkpoint_settings(name, log_path, info)
     test = info.get("test_acc")
     if info and test is None:
         warn(f"{name}: no 'Test Acc' line in {log_path} yet: still running, or stopped before the test")
     planned = int(info["epochs"]) if "epochs" in info else args.get("epochs")
     figures = report.run_figures(rows, info)
     done = figures["epochs_done"]
-    train_images = cifar_train_images(args, classes == list(data.CLASSES))
+    train_images = info.get("train_images") or cifar_train_images(args, classes == list(data.CLASSES))
     fmt = lambda v, spec: MISSING if v is None else format(v, spec)
     cells = [
         name, info.get("model", args.get("model", MISSING)),

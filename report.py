@@ -256,6 +256,10 @@ RUN_LINE = re.compile(r"^(?:run|resuming) (?P<run>\S+): (?P<model>\S+), (?P<trai
 TEST_LINE = re.compile(r"^Test Acc : (?P<acc>[\d.]+)$")
 CACHED_LINE = re.compile(r"^(head|linear probe) training on cached features")
 CKPT_LINE = re.compile(r"^checkpoints: (?P<dir>.+)/ \(last\.pth, (?P<best>[^)]+)\); log: ")
+# the training images: train.py's "data:" line; logs older than it, a frozen run's feature-cache line
+TRAIN_IMAGES_LINES = [re.compile(r"^data: .*?, (?P<n>[\d,]+) train / "),
+                      re.compile(r"^train: (?P<n>[\d,]+) images' \w+ features from the cache "),
+                      re.compile(r"^computing the frozen backbone's .* features of the (?P<n>[\d,]+) train images ")]
 
 
 def read_csv(path):
@@ -283,7 +287,7 @@ def read_csv(path):
 
 def parse_log(text):
     """What a run's log (or its output) says: {run, model, trainable, total, size, epochs, test_acc,
-    ckpt_dir, best, cached}, each where a line says it."""
+    ckpt_dir, best, cached, train_images}, each where a line says it."""
     found = {}
     for line in text.splitlines():
         if (m := RUN_LINE.match(line)) and "model" not in found:  # the first: a resumed run repeats it
@@ -294,6 +298,9 @@ def parse_log(text):
             found.update(ckpt_dir=m["dir"], best=m["best"])
         elif CACHED_LINE.match(line):  # a frozen model's head trained on the backbone's cached features
             found["cached"] = True
+        elif "train_images" not in found and (m := next(filter(None, (r.match(line) for r in TRAIN_IMAGES_LINES)),
+                                                        None)):
+            found["train_images"] = int(m["n"].replace(",", ""))
     return found
 
 

@@ -1,12 +1,17 @@
 """The README and docs/ (issue 35): every relative link and #anchor resolves, the README stays short,
 every docs page is reachable from it, the commands they show are accepted by their scripts, and the
-README's "First ten minutes" block runs as written (at a smaller scale, below)."""
+README's "First ten minutes" block runs as written (at a smaller scale, below), and every figure the
+pages quote from compare.py is what it prints from the committed results/ (issue 32)."""
+import contextlib
+import functools
 import glob
 import importlib.util
+import io
 import os
 import re
 import shlex
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -266,3 +271,144 @@ def test_the_first_ten_minutes_run_as_written(tmp_path, cifar_root):
     assert importlib.util.find_spec("tensorboard"), "tensorboard is not installed (requirements.txt)"
     logdir = tmp_path / tensorboard[tensorboard.index("--logdir") + 1]
     assert list(logdir.glob("*/events.out.tfevents.*")), f"no TensorBoard events under {logdir}"
+
+
+# ----------------------------------------------------------------------------------------------
+# (4) What the pages quote from compare.py is what it prints from the committed results (issue 32:
+# "the README's figures equal what compare.py prints from them"). compare.py runs as on a fresh
+# clone: no checkpoint is looked for (the logs name folders on the machine that trained).
+
+COMPARE_INLINE = re.compile(r"`python compare\.py ((?:results/)[^`]*)`")
+FIGURE = re.compile(r"(?<![\d.])\d+\.\d{2,}(?![\d.])")  # 0.9132, 1.32, 0.0002; not "3.3 h" or "224"
+TABLE_RULE = re.compile(r"^\|[\s:|-]+$")
+VERDICT = re.compile(r"^- \S+(?: \(n=\d+\))? vs \S+")  # compare.py's "In words" lines
+
+
+@functools.lru_cache(maxsize=None)
+def compare_prints(args):
+    """compare.py's standard output for the argument string as a page shows it (globs expanded from
+    the repo root, as a shell there would; --out dropped: the pages' figures are not rewritten)."""
+    argv, tokens = [], shlex.split(args)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--out":
+            tokens.pop(0)
+        elif token.startswith("results/"):
+            found = sorted(glob.glob(os.path.join(ROOT, token)))
+            assert found, f"python compare.py {args}: {token} matches no file"
+            argv += found
+        else:
+            argv.append(token)
+    compare = load_script("compare.py")
+    out = io.StringIO()
+    with mock.patch.object(compare, "find_checkpoint", lambda *a: None), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert compare.main(argv) == 0, f"python compare.py {args} failed"
+    return out.getvalue()
+
+
+def paragraphs(path):
+    """(first line number, text) of each blank-line-separated block of prose."""
+    block, start = [], 0
+    for number, line in list(prose_lines(read(path))) + [(0, "")]:
+        if line.strip():
+            block, start = block + [line], start or number
+        elif block:
+            yield start, " ".join(block)
+            block, start = [], 0
+
+
+def quoted_outputs(path):
+    """(line number, compare.py arguments, [lines]) for each bash block that runs compare.py on the
+    committed results: the table rows and verdicts between the block and the next heading or block."""
+    lines, out = read(path).splitlines(), []
+    for line_no, argv in shown_commands(path):
+        if argv[:2] != ["python", "compare.py"] or not any(a.startswith("results/") for a in argv):
+            continue
+        end = next(i for i in range(line_no, len(lines)) if FENCE.match(lines[i]))
+        quoted = []
+        for line in lines[end + 1:]:
+            if HEADING.match(line) or FENCE.match(line):
+                break
+            if (line.startswith("|") and not TABLE_RULE.match(line)) or VERDICT.match(line):
+                quoted.append(line.strip())
+        out.append((line_no, shlex.join(argv[2:]), quoted))
+    return out
+
+
+def misquoted(path):
+    """Every figure or line of the page that compare.py, run as the page says, does not print."""
+    name, problems = os.path.relpath(path, ROOT), []
+    for line_no, args, quoted in quoted_outputs(path):
+        printed = {ln.strip() for ln in compare_prints(args).splitlines()}
+        problems += [f"{name}:{line_no}: compare.py {args[:60]} does not print {q[:100]}"
+                     for q in quoted if q not in printed]
+    for line_no, text in paragraphs(path):
+        for m in COMPARE_INLINE.finditer(text):
+            printed = set(FIGURE.findall(compare_prints(m.group(1))))
+            problems += [f"{name}:{line_no}: compare.py {m.group(1)} prints no {f}"
+                         for f in FIGURE.findall(text) if f not in printed]
+    return problems
+
+
+def readme_results_rows():
+    """(model, figure, n, [linked result files]) of each row of the README's results table."""
+    rows = []
+    for _, line in prose_lines(read(README)):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0].startswith("`") and (bold := re.search(r"\*\*(.+?)\*\*", cells[2])):
+            rows.append((cells[0].strip("`"), bold.group(1), int(cells[5]), LINK.findall(cells[6])))
+    return rows
+
+
+def results_row_problem(model, figure, n, files):
+    """What is wrong with one README results row against compare.py on its linked folders' runs:
+    n = 1, a run of the model with that test accuracy; n > 1, the model's seeds line (n, mean ± std)."""
+    folders = sorted({t if os.path.isdir(os.path.join(ROOT, t)) else os.path.dirname(t) for t in files})
+    printed = compare_prints(" ".join(f"{f.rstrip('/')}/*.csv" for f in folders))
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in printed.splitlines() if ln.startswith("|")]
+    if n == 1 and any(c[1] == model and c[4] == figure for c in cells if len(c) > 4):
+        return None
+    if n > 1 and any(c[0].split(" ")[0] == model and c[1:3] == [str(n), figure] for c in cells if len(c) > 2):
+        return None
+    return f"README: {model} {figure} (n = {n}) is not what compare.py prints from {', '.join(folders)}"
+
+
+@pytest.mark.parametrize("page", [README, os.path.join(ROOT, "docs", "results.md"),
+                                  os.path.join(ROOT, "docs", "explain.md")], ids=os.path.basename)
+def test_what_a_page_quotes_from_compare_is_what_it_prints(page):
+    assert not misquoted(page), "\n".join(misquoted(page))
+
+
+def test_the_readme_results_table_is_what_compare_prints():
+    rows = readme_results_rows()
+    assert {r[0] for r in rows} == {"sample_resnet", "resnet", "resnet_att", "resnet_scratch", "resnet_att_scratch"}
+    problems = [p for row in rows if (p := results_row_problem(*row))]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_misquoted_figure_is_found(tmp_path):
+    """The checks above on a page that quotes one figure wrong in each of its three ways."""
+    good = """# R
+
+| `resnet` | 0.8443 | **0.9132 ± 0.0006** | 224 px | Xeon | 5 | [f](results/seed-cpu-seeds-20261207/seed-cpu-resnet.md) |
+
+By 1.32 points (p < 0.0001); `python compare.py results/seed-cpu-seeds-20261207/*.csv` prints it.
+
+```bash
+python compare.py results/seed-cpu-seeds-20261207/*.csv
+```
+
+| resnet | 5 | 0.9132 ± 0.0006 | 0.9125–0.9140 | 0, 1, 2, 3, 4 |
+"""
+    page = tmp_path / "page.md"
+    page.write_text(good)
+    assert misquoted(str(page)) == []
+    for right, wrong in [("By 1.32", "By 1.23"), ("| 0.9125–0.9140", "| 0.9125–0.9141")]:
+        page.write_text(good.replace(right, wrong))
+        assert len(misquoted(str(page))) == 1, wrong
+    for wrong in ["0.9133 ± 0.0006** | 224 px | Xeon | 5", "0.9132 ± 0.0006** | 224 px | Xeon | 4"]:
+        row = good.splitlines()[2].replace("0.9132 ± 0.0006** | 224 px | Xeon | 5", wrong)
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert results_row_problem(cells[0].strip("`"), re.search(r"\*\*(.+?)\*\*", cells[2]).group(1),
+                                   int(cells[5]), LINK.findall(cells[6])), wrong

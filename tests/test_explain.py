@@ -11,6 +11,7 @@ from PIL import Image
 
 import compare
 import explain
+import report
 from attention_model import ChannelAttention, SampleResNet, SpatialAttention
 from conftest import run_script
 from models import build_model
@@ -207,8 +208,26 @@ def test_compare_shows_a_run_in_progress(two_runs, tmp_path, capsys):
     assert compare.main([str(tmp_path / "going.csv")]) == 0
     out, err = capsys.readouterr()
     cells = [line for line in out.splitlines() if line.startswith("| going ")][0].split(" | ")
-    assert cells[4] == "running" and cells[9] == compare.MISSING
-    assert "no 'Test Acc' line" in err and "no checkpoint in gone/a/" in err
+    assert cells[4] == "running" and cells[9] == "64"  # its training images from the log's "data:" line
+    assert "no 'Test Acc' line" in err and "no checkpoint" not in err
+    # a log older than the "data:" line: the checkpoint would say it, and it is gone
+    (tmp_path / "going.log").write_text("".join(ln for ln in cut.splitlines(True) if not ln.startswith("data: ")))
+    assert compare.main([str(tmp_path / "going.csv")]) == 0
+    out, err = capsys.readouterr()
+    cells = [line for line in out.splitlines() if line.startswith("| going ")][0].split(" | ")
+    assert cells[9] == compare.MISSING and "no checkpoint in gone/a/" in err
+
+
+def test_the_log_says_the_training_images():
+    """report.parse_log's training images: the first line that says them, train.py's "data:" line or a frozen run's cache lines."""
+    data = "data: cifar10, 10 classes, 45,000 train / 5,000 val / 10,000 test images\n"
+    cached = "train: 44,000 images' maps features from the cache /c/train-224px\n"
+    computed = ("computing the frozen backbone's maps and pooled features of the 43,000 train images at 224 px "
+                "(352 of 352 chunks to go) into /c/x\n")
+    assert report.parse_log(data + cached)["train_images"] == 45000
+    assert report.parse_log(cached + data)["train_images"] == 44000
+    assert report.parse_log(computed)["train_images"] == 43000
+    assert "train_images" not in report.parse_log(cached.replace("train:", "val:") + "data: cifar10, 10 classes\n")
 
 
 # ----------------------------------------------------------------------------------------------
