@@ -278,7 +278,7 @@ def test_the_first_ten_minutes_run_as_written(tmp_path, cifar_root):
 # "the README's figures equal what compare.py prints from them"). compare.py runs as on a fresh
 # clone: no checkpoint is looked for (the logs name folders on the machine that trained).
 
-COMPARE_INLINE = re.compile(r"`python compare\.py ((?:results/)[^`]*)`")
+COMPARE_INLINE = re.compile(r"`python compare\.py (results/[^`]*)`")
 FIGURE = re.compile(r"(?<![\d.])\d+\.\d{2,}(?![\d.])")  # 0.9132, 1.32, 0.0002; not "3.3 h" or "224"
 TABLE_RULE = re.compile(r"^\|[\s:|-]+$")
 VERDICT = re.compile(r"^- \S+(?: \(n=\d+\))? vs \S+")  # compare.py's "In words" lines
@@ -305,6 +305,11 @@ def compare_prints(args):
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         assert compare.main(argv) == 0, f"python compare.py {args} failed"
     return out.getvalue()
+
+
+def table_cells(line):
+    """The stripped cells of one Markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def paragraphs(path):
@@ -355,7 +360,7 @@ def readme_results_rows():
     """(model, figure, n, [linked result files]) of each row of the README's results table."""
     rows = []
     for _, line in prose_lines(read(README)):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = table_cells(line)
         if len(cells) == 7 and cells[0].startswith("`") and (bold := re.search(r"\*\*(.+?)\*\*", cells[2])):
             rows.append((cells[0].strip("`"), bold.group(1), int(cells[5]), LINK.findall(cells[6])))
     return rows
@@ -366,7 +371,7 @@ def results_row_problem(model, figure, n, files):
     n = 1, a run of the model with that test accuracy; n > 1, the model's seeds line (n, mean ± std)."""
     folders = sorted({t if os.path.isdir(os.path.join(ROOT, t)) else os.path.dirname(t) for t in files})
     printed = compare_prints(" ".join(f"{f.rstrip('/')}/*.csv" for f in folders))
-    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in printed.splitlines() if ln.startswith("|")]
+    cells = [table_cells(ln) for ln in printed.splitlines() if ln.startswith("|")]
     if n == 1 and any(c[1] == model and c[4] == figure for c in cells if len(c) > 4):
         return None
     if n > 1 and any(c[0].split(" ")[0] == model and c[1:3] == [str(n), figure] for c in cells if len(c) > 2):
@@ -409,6 +414,6 @@ python compare.py results/seed-cpu-seeds-20261207/*.csv
         assert len(misquoted(str(page))) == 1, wrong
     for wrong in ["0.9133 ± 0.0006** | 224 px | Xeon | 5", "0.9132 ± 0.0006** | 224 px | Xeon | 4"]:
         row = good.splitlines()[2].replace("0.9132 ± 0.0006** | 224 px | Xeon | 5", wrong)
-        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        cells = table_cells(row)
         assert results_row_problem(cells[0].strip("`"), re.search(r"\*\*(.+?)\*\*", cells[2]).group(1),
                                    int(cells[5]), LINK.findall(cells[6])), wrong
